@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install the server into ./.venv (created if missing).
+#   scripts/install.sh         runtime only
+#   scripts/install.sh --dev   plus test tools, and Chromium + CJK fonts for the browser test (apt)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+python="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+if [ "$dev" = 1 ]; then
+  .venv/bin/python -m pip install --quiet -r requirements-dev.txt
+  if ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+      sudo_cmd=""
+      [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+      echo "installing chromium and fonts-noto-cjk (browser test)"
+      $sudo_cmd apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
+    else
+      echo "warning: no chromium and no apt-get: the browser test will be skipped" >&2
+    fi
+  fi
+else
+  .venv/bin/python -m pip install --quiet -r requirements.txt
+fi
+echo "installed into .venv"

@@ -1,0 +1,90 @@
+"""The command line as a user runs it: real subprocesses on the demo model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zimage.storage import read_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], data_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "ZIMAGE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([sys.executable, "-m", "zimage", *args], cwd=ROOT, env=environ, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_generate_demo_prints_the_saved_path(data_dir: Path, tmp_path: Path) -> None:
+    done = run(["generate", "一只猫 a cat", "--demo", "--seed", "7", "--width", "256", "--height", "256",
+                "--out-dir", str(tmp_path)], data_dir)
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    path = Path(line)
+    assert path.parent == tmp_path and path.is_file()
+    assert read_metadata(path)["seed"] == 7 and read_metadata(path)["prompt"] == "一只猫 a cat"
+    assert "step  8/8" in done.stderr and "seed 7" in done.stderr
+
+
+def test_generate_out_file_and_same_seed_same_bytes_of_pixels(data_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    outs = []
+    for name in ("a.png", "b.png"):
+        target = tmp_path / name
+        done = run(["generate", "a cat", "--demo", "--seed", "11", "--width", "256", "--height", "256",
+                    "--steps", "2", "--out", str(target), "--quiet"], data_dir)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(target) and done.stderr == ""
+        outs.append(Image.open(target).tobytes())
+    assert outs[0] == outs[1]
+
+
+def test_plan_json_for_a_hypothetical_card(data_dir: Path) -> None:
+    done = run(["plan", "--vram-gb", "16", "--width", "1024", "--height", "1024", "--json"], data_dir)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["profile"] == "model-offload" and plan["options"] == []
+    assert plan["predicted_peak_bytes"] > 10 * 1024**3 and "fits" in plan["reason"]
+
+
+def test_plan_for_this_machine_in_text(data_dir: Path) -> None:
+    done = run(["plan"], data_dir)
+    assert done.returncode == 0, done.stderr
+    assert "plan:" in done.stdout and "published sizes" in done.stdout
+
+
+def test_make_demo(tmp_path: Path, data_dir: Path) -> None:
+    done = run(["make-demo", str(tmp_path / "demo")], data_dir)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "demo" / "model_index.json").is_file()
+    refused = run(["make-demo", str(tmp_path / "demo")], data_dir)
+    assert refused.returncode == 2 and "not empty" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["generate", "a cat", "--model", "/no/such/model"], 1, "could not be loaded (no such folder)"),
+        (["generate", "a cat", "--demo", "--width", "1000"], 1, "width=1000 is not a multiple of 16"),
+        (["generate", "a cat", "--demo", "--memory-profile", "model-offload"], 2, "needs a CUDA GPU"),
+        (["generate", "a cat"], 1, "run with --demo"),
+    ],
+)
+def test_errors_are_one_clear_line_not_a_traceback(data_dir: Path, tmp_path: Path, args: list[str], code: int,
+                                                   message: str) -> None:
+    done = run(args + ["--out-dir", str(tmp_path)], data_dir, HF_HOME=str(tmp_path / "hf"))
+    assert done.returncode == code
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["plan"], ["make-demo"]])
+def test_help(command: list[str], data_dir: Path) -> None:
+    done = run(command + ["--help"], data_dir)
+    assert done.returncode == 0 and "usage:" in done.stdout

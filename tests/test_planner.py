@@ -1,0 +1,207 @@
+"""The memory planner as a decision table: pure inputs, checked outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from zimage.planner import (
+    GIB,
+    PROFILES_FASTEST_FIRST,
+    PUBLISHED_SIZES,
+    DeviceFacts,
+    GpuFacts,
+    PlanError,
+    RequestSize,
+    choose_dtype,
+    hypothetical_devices,
+    leaner_plans,
+    plan_memory,
+    predict_peak_bytes,
+    safe_dtype_after_nan,
+)
+
+SPEED_RANK = {
+    # Lower is faster. fp8 storage is lossy, so it ranks after the lossless model-offload.
+    ("full", ()): 0, ("full", ("vae-tiling",)): 1,
+    ("balanced", ()): 2, ("balanced", ("vae-tiling",)): 3,
+    ("model-offload", ()): 4, ("model-offload", ("vae-tiling",)): 5,
+    ("model-offload", ("fp8-storage",)): 6, ("model-offload", ("fp8-storage", "vae-tiling")): 7,
+    ("group-offload", ()): 8, ("group-offload", ("vae-tiling",)): 9,
+    ("sequential-offload", ()): 10, ("sequential-offload", ("vae-tiling",)): 11,
+}
+
+
+def rank(plan) -> int:
+    return SPEED_RANK[(plan.profile, plan.options)]
+
+
+# Expected choices for the real model (published sizes, 1 GiB reserve, bf16).
+@pytest.mark.parametrize(
+    ("vram_gb", "gpus", "side", "profile", "options"),
+    [
+        (8, 1, 512, "group-offload", ()),
+        (8, 1, 1024, "group-offload", ()),
+        (8, 1, 2048, "group-offload", ()),
+        (12, 1, 1024, "model-offload", ("fp8-storage",)),
+        (16, 1, 512, "model-offload", ()),
+        (16, 1, 1024, "model-offload", ()),
+        (16, 1, 2048, "model-offload", ()),
+        (24, 1, 512, "full", ()),
+        (24, 1, 1024, "full", ()),
+        (24, 1, 2048, "full", ("vae-tiling",)),
+        (80, 1, 512, "full", ()),
+        (80, 1, 1024, "full", ()),
+        (80, 1, 2048, "full", ()),
+        (24, 2, 1024, "full", ()),
+        (16, 2, 1024, "balanced", ()),
+        (0, 0, 1024, "cpu", ()),
+    ],
+)
+def test_decision_table(vram_gb: float, gpus: int, side: int, profile: str, options: tuple) -> None:
+    plan = plan_memory(hypothetical_devices(vram_gb, gpus), PUBLISHED_SIZES, RequestSize(side, side))
+    assert (plan.profile, plan.options) == (profile, options), plan.reason
+    assert plan.fits
+    if profile != "cpu":
+        assert plan.predicted_peak_bytes <= plan.budget_bytes
+        assert plan.dtype == "bf16" and plan.device == "cuda:0"
+
+
+@pytest.mark.parametrize("side", [512, 1024, 2048])
+@pytest.mark.parametrize("num_images", [1, 4])
+def test_more_memory_never_picks_a_slower_profile(side: int, num_images: int) -> None:
+    previous = None
+    for vram_gb in (4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 80):
+        plan = plan_memory(hypothetical_devices(vram_gb), PUBLISHED_SIZES, RequestSize(side, side, num_images))
+        if previous is not None:
+            assert rank(plan) <= rank(previous), (vram_gb, plan.describe(), previous.describe())
+        previous = plan
+
+
+def test_bigger_requests_never_pick_a_faster_profile() -> None:
+    previous = None
+    for side in (256, 512, 1024, 1536, 2048):
+        plan = plan_memory(hypothetical_devices(24), PUBLISHED_SIZES, RequestSize(side, side, 2))
+        if previous is not None:
+            assert rank(plan) >= rank(previous)
+        previous = plan
+
+
+def test_peaks_shrink_down_the_profile_order() -> None:
+    request = RequestSize()
+    peaks = [predict_peak_bytes(p, (), PUBLISHED_SIZES, request, "bf16", p == "group-offload")
+             for p in PROFILES_FASTEST_FIRST if p != "balanced"]
+    assert peaks == sorted(peaks, reverse=True)
+    # Weights alone are 20.5 GB in bf16; everything-on-GPU cannot be predicted below that.
+    assert peaks[0] > 19 * GIB
+    with_fp8 = predict_peak_bytes("model-offload", ("fp8-storage",), PUBLISHED_SIZES, request, "bf16")
+    assert with_fp8 < peaks[1] * 0.7
+    tiled = predict_peak_bytes("full", ("vae-tiling",), PUBLISHED_SIZES, RequestSize(2048, 2048), "bf16")
+    assert tiled < predict_peak_bytes("full", (), PUBLISHED_SIZES, RequestSize(2048, 2048), "bf16")
+
+
+def test_cfg_doubles_transformer_activations() -> None:
+    plain = predict_peak_bytes("model-offload", (), PUBLISHED_SIZES, RequestSize(), "bf16")
+    cfg = predict_peak_bytes("model-offload", (), PUBLISHED_SIZES, RequestSize(guidance=True), "bf16")
+    assert cfg > plain
+
+
+def test_nothing_fits_picks_the_leanest_and_warns() -> None:
+    plan = plan_memory(hypothetical_devices(1), PUBLISHED_SIZES, RequestSize(2048, 2048, 4))
+    assert plan.profile == "sequential-offload" and not plan.fits
+    assert any("expect out-of-memory" in w for w in plan.warnings)
+
+
+def test_reserve_is_respected() -> None:
+    roomy = plan_memory(hypothetical_devices(24), PUBLISHED_SIZES, reserve_bytes=1 * GIB)
+    cautious = plan_memory(hypothetical_devices(24), PUBLISHED_SIZES, reserve_bytes=6 * GIB)
+    assert roomy.profile == "full" and cautious.profile == "model-offload"
+    assert cautious.budget_bytes == roomy.budget_bytes - 5 * GIB
+
+
+def test_free_memory_not_total_is_what_counts() -> None:
+    busy_card = DeviceFacts(gpus=(GpuFacts(0, "busy 24 GB", 24 * GIB, 9 * GIB),), ram_total_bytes=64 * GIB,
+                            ram_available_bytes=64 * GIB)
+    plan = plan_memory(busy_card, PUBLISHED_SIZES)
+    assert plan.profile == "group-offload"
+    assert "8.0 GiB usable" in plan.reason
+
+
+def test_no_fp8_keeps_weights_lossless() -> None:
+    plan = plan_memory(hypothetical_devices(12), PUBLISHED_SIZES, auto_fp8=False)
+    assert plan.profile == "group-offload" and "fp8-storage" not in plan.options
+
+
+def test_explicit_profile_is_honoured_and_forced_options_kept() -> None:
+    plan = plan_memory(hypothetical_devices(80), PUBLISHED_SIZES, requested_profile="sequential-offload",
+                       forced_options=("attention-slicing",))
+    assert plan.profile == "sequential-offload"
+    assert "attention-slicing" in plan.options
+    assert plan.reason.startswith("sequential-offload was asked for")
+
+
+@pytest.mark.parametrize("profile", ["model-offload", "group-offload", "sequential-offload", "full", "balanced"])
+def test_gpu_profiles_are_refused_without_a_gpu(profile: str) -> None:
+    with pytest.raises(PlanError, match="needs a CUDA GPU"):
+        plan_memory(hypothetical_devices(0), PUBLISHED_SIZES, requested_profile=profile)
+
+
+def test_balanced_needs_two_gpus_and_missing_device_is_named() -> None:
+    with pytest.raises(PlanError, match="has 1"):
+        plan_memory(hypothetical_devices(24), PUBLISHED_SIZES, requested_profile="balanced")
+    with pytest.raises(PlanError, match="device='cuda:3' was asked for but this machine has cuda:0"):
+        plan_memory(hypothetical_devices(24), PUBLISHED_SIZES, device="cuda:3")
+
+
+def test_dtype_choice() -> None:
+    ampere = hypothetical_devices(24)
+    turing = DeviceFacts(gpus=(GpuFacts(0, "T4", 16 * GIB, 15 * GIB, supports_bf16=False),), ram_total_bytes=0,
+                         ram_available_bytes=0)
+    assert choose_dtype("auto", "cuda:0", ampere) == "bf16"
+    assert choose_dtype("auto", "cuda:0", turing) == "fp16"
+    assert choose_dtype("auto", "cpu", hypothetical_devices(0)) == "bf16"
+    assert choose_dtype("fp32", "cuda:0", ampere) == "fp32"
+    assert safe_dtype_after_nan("fp16", "cuda:0", ampere) == "bf16"
+    assert safe_dtype_after_nan("fp16", "cuda:0", turing) == "fp32"
+    assert safe_dtype_after_nan("bf16", "cuda:0", ampere) is None
+    assert plan_memory(turing, PUBLISHED_SIZES).dtype == "fp16"
+
+
+def test_fp32_doubles_the_weights() -> None:
+    bf16 = predict_peak_bytes("full", (), PUBLISHED_SIZES, RequestSize(), "bf16")
+    fp32 = predict_peak_bytes("full", (), PUBLISHED_SIZES, RequestSize(), "fp32")
+    assert fp32 - bf16 > 19 * GIB
+
+
+def test_ram_shortage_is_warned() -> None:
+    plan = plan_memory(hypothetical_devices(16, ram_gb=8), PUBLISHED_SIZES)
+    assert any("RAM" in w for w in plan.warnings)
+
+
+def test_ladder_from_full_goes_tiling_then_leaner_profiles() -> None:
+    plan = plan_memory(hypothetical_devices(80), PUBLISHED_SIZES)
+    steps = leaner_plans(plan, PUBLISHED_SIZES)
+    assert [s.describe().split(" on ")[0] for s, _ in steps] == [
+        "full + vae-tiling",
+        "model-offload + vae-tiling",
+        "model-offload + fp8-storage + vae-tiling",
+        "group-offload + fp8-storage + vae-tiling",
+        "sequential-offload + fp8-storage + vae-tiling",
+    ]
+    assert steps[0][1] == "turned on VAE tiling"
+    peaks = [s.predicted_peak_bytes for s, _ in steps]
+    assert peaks[1:] == sorted(peaks[1:], reverse=True)
+
+
+def test_ladder_without_fp8_and_on_cpu() -> None:
+    plan = plan_memory(hypothetical_devices(16), PUBLISHED_SIZES, auto_fp8=False)
+    names = [s.profile for s, _ in leaner_plans(plan, PUBLISHED_SIZES, auto_fp8=False)]
+    assert names == ["model-offload", "group-offload", "sequential-offload"]
+    assert all("fp8-storage" not in s.options for s, _ in leaner_plans(plan, PUBLISHED_SIZES, auto_fp8=False))
+    cpu = plan_memory(hypothetical_devices(0), PUBLISHED_SIZES)
+    assert [w for _, w in leaner_plans(cpu, PUBLISHED_SIZES)] == ["turned on VAE tiling"]
+
+
+def test_plan_json_shape() -> None:
+    data = plan_memory(hypothetical_devices(16), PUBLISHED_SIZES).to_json()
+    assert {"profile", "options", "predicted_peak_bytes", "reason"} <= set(data)
+    assert isinstance(data["options"], list) and isinstance(data["predicted_peak_bytes"], int)

@@ -1,0 +1,194 @@
+"""The built-in demo model: a tiny, randomly initialised Z-Image pipeline of the real classes.
+
+It uses exactly the classes the real Z-Image-Turbo uses (``ZImagePipeline``,
+``ZImageTransformer2DModel``, transformers' ``Qwen3Model``, ``AutoencoderKL`` with 16 latent
+channels and an 8x spatial factor, ``FlowMatchEulerDiscreteScheduler`` with shift 3) so that the
+loader, the memory plans and the service run the same code paths as on the real weights. Only the
+sizes are tiny, the weights are random (its images are noise), and the tokenizer is a small
+byte-level BPE trained in memory with a Qwen-style chat template, because nothing can be downloaded.
+
+Building takes a few seconds; the result is a normal diffusers folder, cached and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+#: Bump when the demo architecture changes, so an old cached folder is rebuilt, not reused.
+DEMO_MODEL_VERSION = 1
+DEMO_MODEL_DIRNAME = f"demo-model-v{DEMO_MODEL_VERSION}"
+#: Written last into a finished folder: a folder without it is an interrupted build.
+_COMPLETE_MARKER = "zimage-demo.json"
+
+# Qwen3's chat template reduced to what ZImagePipeline uses (user message, generation prompt,
+# enable_thinking), so the pipeline formats prompts exactly as it does for the real tokenizer.
+_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# A little mixed-language text so the BPE learns common English and Chinese byte pairs.
+_TOKENIZER_CORPUS = [
+    "a cat sitting on a windowsill, soft morning light, photorealistic",
+    "一只猫坐在窗台上，柔和的晨光，写实风格",
+    "a watercolor painting of mountains and a lake at sunset",
+    "夕阳下的山和湖的水彩画",
+    "portrait of an astronaut, studio lighting, 35mm, high detail",
+    "city street at night in the rain, neon signs, cinematic",
+    "雨夜的城市街道，霓虹灯，电影感",
+    "a bowl of ramen on a wooden table, top view",
+]
+
+
+def demo_model_path(data_dir: Path) -> Path:
+    """Where the demo model lives (or will live) under the data folder."""
+    return Path(data_dir) / DEMO_MODEL_DIRNAME
+
+
+def ensure_demo_model(data_dir: Path) -> Path:
+    """Return the cached demo model folder, building it first if it is missing or incomplete.
+
+    The build happens in a temporary folder beside the target and is renamed into place, so two
+    processes starting at once (e.g. Supervisor with several workers) never see half a model.
+    """
+    target = demo_model_path(data_dir)
+    if (target / _COMPLETE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=target.parent))
+    try:
+        build_demo_model(staging)
+        if target.exists() and not (target / _COMPLETE_MARKER).is_file():
+            shutil.rmtree(target, ignore_errors=True)  # leftovers of an interrupted build
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished first (the target is a non-empty folder): use theirs.
+            if not (target / _COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_demo_model(out_dir: Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline with a fixed seed and save it as a diffusers folder in ``out_dir``."""
+    pipe = build_demo_pipeline(seed=seed)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / _COMPLETE_MARKER).write_text(
+        json.dumps({"demo_model_version": DEMO_MODEL_VERSION, "seed": seed,
+                    "note": "random weights: images are noise"}) + "\n",
+        encoding="utf-8",
+    )
+    return out_dir
+
+
+def build_demo_pipeline(seed: int = 0):
+    """Instantiate the tiny pipeline in memory (float32, CPU)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = _build_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        # 256 patches per side = 4096 px: room for the largest size the service allows.
+        axes_lens=[1024, 256, 256],
+    )
+    # These are created with torch.empty; uninitialised memory can hold NaN/inf.
+    with torch.no_grad():
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=16,  # must equal the transformer's cap_feat_dim
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=1024,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        # Four levels like the real Flux VAE, so the spatial factor is 8 as in production.
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[16, 16, 16, 16],
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=16,
+        # As the real VAE: tiling then works (a small sample_size makes GroupNorm fail on 1x1 tiles).
+        sample_size=1024,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return ZImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+def _build_tokenizer():
+    """A byte-level BPE trained in memory, wrapped as a fast tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+    )
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer

@@ -1,0 +1,31 @@
+"""Errors the service reports to people. Each message says what happened and what to do."""
+
+from __future__ import annotations
+
+
+class ZImageError(Exception):
+    """Base class: the message is meant for the user, never a stack trace."""
+
+
+class ValidationError(ZImageError):
+    """A request parameter is out of range; the message names the value and the allowed range."""
+
+
+class ModelNotFoundError(ZImageError):
+    """The model id or folder cannot be found or loaded."""
+
+
+class OutOfMemoryAfterRetries(ZImageError):
+    """Every step of the out-of-memory ladder was tried and the job still did not fit."""
+
+
+class NaNOutputError(ZImageError):
+    """The pipeline produced NaN pixels (a black image) and no safer dtype could fix it."""
+
+
+class GenerationCancelled(ZImageError):
+    """The job was cancelled (by the user, a disconnect or shutdown) before it finished."""
+
+
+class ServiceNotReady(ZImageError):
+    """The model is still loading, failed to load, or the service is shutting down."""

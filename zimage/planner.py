@@ -1,0 +1,511 @@
+"""The memory planner: a pure function from (device facts, component sizes, request size) to a plan.
+
+Nothing here touches a GPU, a file or the environment, so every decision is testable as a table.
+
+Profiles, fastest first (each is a documented placement, applied by :mod:`zimage.loader` with
+diffusers' own calls):
+
+========================  ==================================================================
+``full``                  every component on one GPU. Fastest; needs all weights + activations.
+``balanced``              diffusers ``device_map="balanced"``: whole components spread over
+                          several GPUs, no transfers during a generation.
+``model-offload``         ``enable_model_cpu_offload``: weights live in RAM, each component
+                          (text encoder, transformer, VAE) moves to the GPU while it runs.
+                          Needs the largest component + its activations.
+``group-offload``         ``enable_group_offload(block_level, 1 block per group)``: the
+                          transformer and text encoder move one block at a time, prefetched on
+                          a CUDA stream; the small VAE stays on the GPU.
+``sequential-offload``    ``enable_sequential_cpu_offload``: one layer at a time. Least memory,
+                          by far the slowest.
+``cpu``                   no accelerator: everything on the CPU (the demo model and tests; the
+                          real model takes tens of minutes per image on a CPU).
+========================  ==================================================================
+
+Options: ``vae-tiling`` (decode in 512 px tiles: the VAE's activations stop growing with the
+image), ``fp8-storage`` (transformer weights stored in float8, computed in bf16: half the
+transformer's memory, a slight quality change), ``attention-slicing`` (accepted for users who ask
+for it; measured as no change for this model, so the planner never relies on it).
+
+The auto planner walks the candidates fastest first and takes the first whose predicted peak
+fits the GPU's free memory minus the reserve. Lossless candidates come before ``fp8-storage``
+ones, and fp8 is only considered to avoid group or sequential offload.
+
+The activation constants below are estimates from the model's shapes, not yet measurements: the
+GPU benchmark (``benchmarks/gpu_profiles.py``) measures the real peaks to replace them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+GIB = 1024**3
+MIB = 1024**2
+
+PROFILES_FASTEST_FIRST = ("full", "balanced", "model-offload", "group-offload", "sequential-offload")
+#: The OOM ladder walks this order; "balanced" steps down to model-offload like "full" does.
+PROFILES_LEANEST_LAST = ("full", "balanced", "model-offload", "group-offload", "sequential-offload")
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# --- Estimated activation and overhead constants (bytes) -------------------------------------
+#: Live activation bytes per token per hidden unit inside one transformer block (qkv, attention
+#: output, the 2.7x-wide SwiGLU FFN, residual and norm copies), with flash/mem-efficient SDPA.
+TRANSFORMER_ACTIVATION_HIDDEN_MULTIPLE = 20
+#: Caption tokens the transformer sees at most (the pipeline's max_sequence_length).
+MAX_CAPTION_TOKENS = 512
+#: Pixels per latent token: VAE factor 8 times patch size 2, squared.
+PIXELS_PER_TOKEN = 16 * 16
+#: VAE decoder bytes per output pixel per channel of its widest full-resolution stage.
+VAE_DECODE_BYTES_PER_PIXEL_CHANNEL = 10
+#: The tile edge the loader sets when vae-tiling is on (the Flux VAE's own tile is 1024 px,
+#: which would leave a 1024x1024 decode untiled).
+VAE_TILE_PX = 512
+#: Text encoder: 512 tokens through the blocks, plus all hidden states kept (output_hidden_states).
+TEXT_ENCODER_ACTIVATION_HIDDEN_MULTIPLE = 60
+#: cuBLAS workspaces, the prompt embeddings, latents, RoPE tables and allocator slack.
+FIXED_OVERHEAD_BYTES = 512 * MIB
+#: A card of N GB shows less free memory once a CUDA context exists: used for hypothetical cards.
+CUDA_CONTEXT_BYTES = 512 * MIB
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    """One GPU as the hardware probe saw it."""
+
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    supports_bf16: bool = True
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """The machine: its GPUs (maybe none) and its RAM."""
+
+    gpus: tuple[GpuFacts, ...]
+    ram_total_bytes: int
+    ram_available_bytes: int
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+
+@dataclass(frozen=True)
+class ComponentStats:
+    """Parameter counts of one component, read from its weight files or published configs."""
+
+    params: int
+    largest_block_params: int = 0  # biggest numbered block (a transformer layer)
+    non_block_params: int = 0  # everything outside numbered blocks (embeddings, heads)
+    largest_leaf_params: int = 0  # biggest single module (what sequential offload moves)
+    hidden_size: int = 0
+
+
+@dataclass(frozen=True)
+class ComponentSizes:
+    """The three weighted components and where the numbers came from."""
+
+    transformer: ComponentStats
+    text_encoder: ComponentStats
+    vae: ComponentStats
+    vae_base_channels: int = 128  # channels of the decoder's full-resolution stage
+    source: str = "published sizes"
+
+    @property
+    def total_params(self) -> int:
+        return self.transformer.params + self.text_encoder.params + self.vae.params
+
+
+#: Z-Image-Turbo's published architecture, counted on the meta device from its config.json files.
+PUBLISHED_SIZES = ComponentSizes(
+    transformer=ComponentStats(params=6_154_908_736, largest_block_params=180_910_336,
+                               non_block_params=503_104, largest_leaf_params=39_321_600, hidden_size=3840),
+    text_encoder=ComponentStats(params=4_022_468_096, largest_block_params=100_930_816,
+                                non_block_params=388_958_720, largest_leaf_params=388_956_160, hidden_size=2560),
+    vae=ComponentStats(params=83_819_683, largest_block_params=16_524_800, non_block_params=230_051,
+                       largest_leaf_params=2_359_808),
+    vae_base_channels=128,
+    source="published sizes of Tongyi-MAI/Z-Image-Turbo",
+)
+
+
+@dataclass(frozen=True)
+class RequestSize:
+    """What one generation asks of memory."""
+
+    width: int = 1024
+    height: int = 1024
+    num_images: int = 1
+    guidance: bool = False  # guidance > 0 runs classifier-free guidance: twice the batch
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A placement decision: what the loader applies and what it is predicted to cost."""
+
+    profile: str
+    options: tuple[str, ...]
+    device: str  # "cuda:N" or "cpu"
+    dtype: str  # "bf16", "fp16" or "fp32"
+    predicted_peak_bytes: int  # on the busiest GPU (0 for cpu)
+    budget_bytes: int  # free memory minus the reserve on that GPU (0 for cpu)
+    reason: str
+    use_streams: bool = False  # group-offload prefetches on a CUDA stream
+    gpu_indices: tuple[int, ...] = ()  # the GPUs used (several for balanced)
+    fits: bool = True
+    warnings: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict:
+        """The stable JSON form printed by ``python -m zimage plan --json``."""
+        return {
+            "profile": self.profile,
+            "options": list(self.options),
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "reason": self.reason,
+            "device": self.device,
+            "dtype": self.dtype,
+            "budget_bytes": self.budget_bytes,
+            "fits": self.fits,
+            "use_streams": self.use_streams,
+            "gpu_indices": list(self.gpu_indices),
+            "warnings": list(self.warnings),
+        }
+
+    def describe(self) -> str:
+        """One line for logs and the UI, e.g. ``model-offload + vae-tiling on cuda:0 (bf16)``."""
+        name = " + ".join((self.profile,) + self.options)
+        where = "" if self.profile == "cpu" else f" on {self.device}"
+        return f"{name}{where} ({self.dtype})"
+
+
+class PlanError(ValueError):
+    """The requested placement cannot work on this machine; the message says what to do."""
+
+
+# --- Pure helpers ------------------------------------------------------------------------------
+
+def hypothetical_devices(vram_gb: float, gpus: int = 1, ram_gb: float = 64.0) -> DeviceFacts:
+    """Facts for a machine we are not on (``plan --vram-gb``): N GB cards with a CUDA context open."""
+    if vram_gb <= 0:
+        return DeviceFacts(gpus=(), ram_total_bytes=int(ram_gb * GIB), ram_available_bytes=int(ram_gb * GIB))
+    total = int(vram_gb * GIB)
+    cards = tuple(
+        GpuFacts(index=i, name=f"hypothetical {vram_gb:g} GB GPU", total_bytes=total,
+                 free_bytes=max(0, total - CUDA_CONTEXT_BYTES))
+        for i in range(gpus)
+    )
+    return DeviceFacts(gpus=cards, ram_total_bytes=int(ram_gb * GIB), ram_available_bytes=int(ram_gb * GIB))
+
+
+def choose_device(requested: str, devices: DeviceFacts) -> str:
+    """Resolve ``auto``/``cuda``/``cuda:N``/``cpu`` against the GPUs that exist."""
+    if requested == "cpu":
+        return "cpu"
+    if requested == "auto":
+        return "cuda:0" if devices.has_gpu else "cpu"
+    index = 0 if requested == "cuda" else int(requested.split(":", 1)[1])
+    if not any(gpu.index == index for gpu in devices.gpus):
+        found = ", ".join(f"cuda:{g.index}" for g in devices.gpus) or "no CUDA GPU"
+        raise PlanError(f"device={requested!r} was asked for but this machine has {found}: "
+                        "use --device auto, or check CUDA_VISIBLE_DEVICES and the driver (nvidia-smi).")
+    return f"cuda:{index}"
+
+
+def choose_dtype(requested: str, device: str, devices: DeviceFacts) -> str:
+    """Resolve ``auto``: bf16 where supported (the model was trained in bf16), else fp16 on GPU."""
+    if requested != "auto":
+        return requested
+    if device == "cpu":
+        return "bf16"  # fp16 on a CPU measured 60-120x slower; bf16 is faster than fp32 there
+    gpu = _gpu(devices, device)
+    return "bf16" if gpu.supports_bf16 else "fp16"
+
+
+def safe_dtype_after_nan(dtype: str, device: str, devices: DeviceFacts) -> str | None:
+    """The dtype to retry in after a NaN (black) image, or None when there is nothing safer."""
+    if dtype != "fp16":
+        return None
+    if device != "cpu" and _gpu(devices, device).supports_bf16:
+        return "bf16"
+    return "fp32"
+
+
+def _gpu(devices: DeviceFacts, device: str) -> GpuFacts:
+    index = int(device.split(":", 1)[1])
+    return next(g for g in devices.gpus if g.index == index)
+
+
+def _weight_bytes(stats: ComponentStats, dtype_bytes: int) -> int:
+    return stats.params * dtype_bytes
+
+
+def _transformer_weight_bytes(sizes: ComponentSizes, dtype_bytes: int, fp8: bool) -> int:
+    if not fp8:
+        return _weight_bytes(sizes.transformer, dtype_bytes)
+    # 1 byte per stored weight, plus one block upcast to the compute dtype while it runs.
+    return sizes.transformer.params + sizes.transformer.largest_block_params * dtype_bytes
+
+
+def activation_bytes(sizes: ComponentSizes, request: RequestSize, dtype_bytes: int,
+                     vae_tiling: bool) -> dict[str, int]:
+    """Estimated peak activation bytes of each stage for one request."""
+    batch = request.num_images * (2 if request.guidance else 1)
+    image_tokens = math.ceil(request.pixels / PIXELS_PER_TOKEN)
+    transformer = (batch * (image_tokens + MAX_CAPTION_TOKENS) * sizes.transformer.hidden_size
+                   * TRANSFORMER_ACTIVATION_HIDDEN_MULTIPLE * dtype_bytes)
+    text_encoder = (batch * MAX_CAPTION_TOKENS * sizes.text_encoder.hidden_size
+                    * TEXT_ENCODER_ACTIVATION_HIDDEN_MULTIPLE * dtype_bytes)
+    decoded_pixels = min(request.pixels, VAE_TILE_PX**2) if vae_tiling else request.pixels
+    # Tiles are decoded one at a time but all images of the batch together; the decoded full image
+    # (float32 RGB) is kept in any case.
+    vae = (request.num_images * decoded_pixels * sizes.vae_base_channels * VAE_DECODE_BYTES_PER_PIXEL_CHANNEL
+           * dtype_bytes // 2 + request.num_images * request.pixels * 3 * 4)
+    return {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
+
+
+def predict_peak_bytes(profile: str, options: tuple[str, ...], sizes: ComponentSizes, request: RequestSize,
+                       dtype: str, use_streams: bool = False) -> int:
+    """Predicted peak GPU bytes of one generation under ``profile`` (single GPU; 0 for cpu)."""
+    if profile == "cpu":
+        return 0
+    dtype_bytes = DTYPE_BYTES[dtype]
+    acts = activation_bytes(sizes, request, dtype_bytes, "vae-tiling" in options)
+    fp8 = "fp8-storage" in options
+    transformer_w = _transformer_weight_bytes(sizes, dtype_bytes, fp8)
+    text_encoder_w = _weight_bytes(sizes.text_encoder, dtype_bytes)
+    vae_w = _weight_bytes(sizes.vae, dtype_bytes)
+    if profile in ("full", "balanced"):  # balanced: callers split per GPU with _balanced_split
+        peak = transformer_w + text_encoder_w + vae_w + max(acts.values())
+    elif profile == "model-offload":
+        peak = max(text_encoder_w + acts["text_encoder"], transformer_w + acts["transformer"],
+                   vae_w + acts["vae"])
+    elif profile == "group-offload":
+        blocks_resident = 2 if use_streams else 1
+        block_scale = 1 if not fp8 else 0.5
+        transformer_live = (sizes.transformer.non_block_params * dtype_bytes
+                            + int(blocks_resident * sizes.transformer.largest_block_params * dtype_bytes * block_scale))
+        text_encoder_live = (sizes.text_encoder.non_block_params
+                             + blocks_resident * sizes.text_encoder.largest_block_params) * dtype_bytes
+        peak = vae_w + max(text_encoder_live + acts["text_encoder"], transformer_live + acts["transformer"],
+                           acts["vae"])
+    elif profile == "sequential-offload":
+        # One module's weights at a time, next to the activations of the stage it belongs to.
+        peak = max(sizes.text_encoder.largest_leaf_params * dtype_bytes + acts["text_encoder"],
+                   sizes.transformer.largest_leaf_params * dtype_bytes + acts["transformer"],
+                   sizes.vae.largest_leaf_params * dtype_bytes + acts["vae"])
+    else:
+        raise PlanError(f"unknown memory profile {profile!r}")
+    return int(peak + FIXED_OVERHEAD_BYTES)
+
+
+def _balanced_split(sizes: ComponentSizes, request: RequestSize, dtype: str, options: tuple[str, ...],
+                    budgets: list[int]) -> int | None:
+    """Place whole components on GPUs, largest first onto the one with most room.
+
+    Returns the predicted peak of the busiest GPU, or None when some component fits nowhere.
+    """
+    dtype_bytes = DTYPE_BYTES[dtype]
+    acts = activation_bytes(sizes, request, dtype_bytes, "vae-tiling" in options)
+    items = [
+        ("transformer", _transformer_weight_bytes(sizes, dtype_bytes, "fp8-storage" in options)),
+        ("text_encoder", _weight_bytes(sizes.text_encoder, dtype_bytes)),
+        ("vae", _weight_bytes(sizes.vae, dtype_bytes)),
+    ]
+    weights_on = [0] * len(budgets)
+    acts_on = [0] * len(budgets)
+    for name, weight in sorted(items, key=lambda item: -(item[1] + acts[item[0]])):
+        room = [budgets[i] - weights_on[i] - max(acts_on[i], acts[name]) - FIXED_OVERHEAD_BYTES
+                for i in range(len(budgets))]
+        best = max(range(len(budgets)), key=lambda i: room[i])
+        if room[best] < weight:
+            return None
+        weights_on[best] += weight
+        acts_on[best] = max(acts_on[best], acts[name])
+    return max(w + a + FIXED_OVERHEAD_BYTES for w, a in zip(weights_on, acts_on))
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    profile: str
+    options: tuple[str, ...]
+    use_streams: bool = False
+
+
+def _candidates(devices: DeviceFacts, device: str, auto_fp8: bool,
+                forced: tuple[str, ...]) -> list[_Candidate]:
+    """Placements to try, fastest first; each without then with VAE tiling."""
+    base: list[tuple[str, tuple[str, ...], bool]] = [("full", (), False)]
+    if device == "cuda:0" and len(devices.gpus) > 1:
+        base.append(("balanced", (), False))
+    base.append(("model-offload", (), False))
+    if auto_fp8:
+        base.append(("model-offload", ("fp8-storage",), False))
+    base.append(("group-offload", (), True))
+    base.append(("sequential-offload", (), False))
+    result = []
+    for profile, extra, streams in base:
+        for tiling in ((), ("vae-tiling",)):
+            options = _normalise_options(forced + extra + tiling)
+            candidate = _Candidate(profile, options, streams)
+            if candidate not in result:
+                result.append(candidate)
+    return result
+
+
+def _normalise_options(options: tuple[str, ...]) -> tuple[str, ...]:
+    order = ("fp8-storage", "vae-tiling", "attention-slicing")
+    return tuple(o for o in order if o in options)
+
+
+def _budget(devices: DeviceFacts, device: str, reserve_bytes: int) -> int:
+    return max(0, _gpu(devices, device).free_bytes - reserve_bytes)
+
+
+def _evaluate(candidate: _Candidate, devices: DeviceFacts, device: str, sizes: ComponentSizes,
+              request: RequestSize, dtype: str, reserve_bytes: int) -> tuple[int, int, tuple[int, ...]]:
+    """(predicted peak, budget, GPUs used) of a candidate; peak > budget means it does not fit."""
+    if candidate.profile == "balanced":
+        budgets = [max(0, g.free_bytes - reserve_bytes) for g in devices.gpus]
+        peak = _balanced_split(sizes, request, dtype, candidate.options, budgets)
+        indices = tuple(g.index for g in devices.gpus)
+        return (peak if peak is not None else 2**62), min(budgets), indices
+    peak = predict_peak_bytes(candidate.profile, candidate.options, sizes, request, dtype, candidate.use_streams)
+    return peak, _budget(devices, device, reserve_bytes), (int(device.split(":")[1]),)
+
+
+def _fmt_gb(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSize = RequestSize(), *,
+                requested_profile: str = "auto", forced_options: tuple[str, ...] = (),
+                dtype: str = "auto", device: str = "auto", reserve_bytes: int = 1 * GIB,
+                auto_fp8: bool = True) -> MemoryPlan:
+    """Choose how to place the model. Pure: same inputs, same plan.
+
+    ``requested_profile`` other than ``auto`` is honoured (and checked for feasibility: a warning
+    when it is predicted not to fit, a :class:`PlanError` when it cannot work on this machine).
+    """
+    device = choose_device(device, devices)
+    dtype = choose_dtype(dtype, device, devices)
+    forced = _normalise_options(tuple(forced_options))
+    ram_warnings = _ram_warnings(devices, sizes, dtype)
+
+    if device == "cpu":
+        if requested_profile not in ("auto", "cpu"):
+            raise PlanError(f"memory profile {requested_profile!r} needs a CUDA GPU, and "
+                            f"{'this machine has none' if not devices.has_gpu else 'device=cpu was chosen'}: "
+                            "use --memory-profile auto (or cpu).")
+        if forced and "fp8-storage" in forced and dtype != "bf16":
+            raise PlanError("fp8-storage computes in bf16: use --dtype bf16 with it.")
+        reason = ("no CUDA GPU: everything runs on the CPU" if not devices.has_gpu
+                  else "device=cpu was asked for: everything runs on the CPU")
+        return MemoryPlan(profile="cpu", options=forced, device="cpu", dtype=dtype, predicted_peak_bytes=0,
+                          budget_bytes=0, reason=reason, warnings=ram_warnings)
+
+    if requested_profile == "cpu":
+        raise PlanError("memory profile 'cpu' with a GPU device: use --device cpu to run on the CPU, "
+                        "or --memory-profile auto.")
+    if requested_profile == "balanced" and len(devices.gpus) < 2:
+        raise PlanError("memory profile 'balanced' spreads components over several GPUs and this machine "
+                        f"has {len(devices.gpus)}: use full or model-offload (or auto).")
+    if "fp8-storage" in forced and dtype == "fp32":
+        raise PlanError("fp8-storage computes in bf16/fp16: use --dtype bf16 with it.")
+
+    candidates = _candidates(devices, device, auto_fp8, forced)
+    if requested_profile != "auto":
+        # Honour the user's profile; still pick tiling if only that makes it fit.
+        candidates = [c for c in candidates if c.profile == requested_profile] or [
+            _Candidate(requested_profile, forced, requested_profile == "group-offload")]
+
+    evaluated = [(c, *_evaluate(c, devices, device, sizes, request, dtype, reserve_bytes)) for c in candidates]
+    chosen = next(((c, p, b, i) for c, p, b, i in evaluated if p <= b), None)
+    fits = chosen is not None
+    if chosen is None:
+        chosen = evaluated[-1]  # the leanest placement; it may still OOM, and the ladder takes over
+    candidate, peak, budget, indices = chosen
+    free_gib = _fmt_gb(budget + reserve_bytes)
+    if requested_profile != "auto":
+        reason = f"{requested_profile} was asked for; predicted peak {_fmt_gb(peak)} of {_fmt_gb(budget)} usable"
+    elif fits:
+        faster = [c for c, _, _, _ in evaluated[: evaluated.index(chosen)]]
+        reason = (f"{_describe(candidate)} is the fastest placement that fits: predicted peak {_fmt_gb(peak)} "
+                  f"within {_fmt_gb(budget)} usable ({free_gib} free minus {_fmt_gb(reserve_bytes)} reserve)")
+        if faster:
+            reason += f"; {_describe(faster[0])} would need {_fmt_gb(evaluated[0][1])}"
+    else:
+        reason = (f"nothing is predicted to fit in {_fmt_gb(budget)} usable; using the leanest placement, "
+                  f"{_describe(candidate)} (predicted {_fmt_gb(peak)})")
+    warnings = list(ram_warnings)
+    if not fits:
+        warnings.append(f"predicted peak {_fmt_gb(peak)} exceeds the {_fmt_gb(budget)} usable on {device}: "
+                        "expect out-of-memory errors; use a smaller image size or free GPU memory.")
+    return MemoryPlan(profile=candidate.profile, options=candidate.options, device=device, dtype=dtype,
+                      predicted_peak_bytes=peak, budget_bytes=budget, reason=reason,
+                      use_streams=candidate.use_streams, gpu_indices=indices, fits=fits,
+                      warnings=tuple(warnings))
+
+
+def _describe(candidate: _Candidate) -> str:
+    return " + ".join((candidate.profile,) + candidate.options)
+
+
+def _ram_warnings(devices: DeviceFacts, sizes: ComponentSizes, dtype: str) -> tuple[str, ...]:
+    weights = sizes.total_params * DTYPE_BYTES[dtype]
+    if devices.ram_available_bytes and weights > devices.ram_available_bytes:
+        return (f"the weights need {_fmt_gb(weights)} of RAM while loading (and for offloading) but only "
+                f"{_fmt_gb(devices.ram_available_bytes)} is available: add swap or RAM, or expect the loader "
+                "to be killed.",)
+    return ()
+
+
+def leaner_plans(plan: MemoryPlan, sizes: ComponentSizes, request: RequestSize = RequestSize(), *,
+                 auto_fp8: bool = True) -> list[tuple[MemoryPlan, str]]:
+    """The OOM ladder below ``plan``: (next plan, what changed) pairs, to try in order.
+
+    First turn on VAE tiling (cheap, applied in place), then step to each leaner profile with
+    tiling kept on: model-offload, model-offload + fp8-storage (if allowed), group-offload,
+    sequential-offload. On the CPU only tiling is left to try.
+    """
+    steps: list[tuple[MemoryPlan, str]] = []
+    current = plan
+    if "vae-tiling" not in current.options:
+        current = _with(current, current.profile, current.options + ("vae-tiling",), current.use_streams,
+                        sizes, request)
+        steps.append((current, "turned on VAE tiling"))
+    if plan.profile == "cpu":
+        return steps
+    start = PROFILES_LEANEST_LAST.index(plan.profile)
+    ladder: list[tuple[str, tuple[str, ...], bool]] = []
+    for profile in PROFILES_LEANEST_LAST[start + 1:]:
+        if profile == "balanced":
+            continue
+        ladder.append((profile, (), profile == "group-offload"))
+        if profile == "model-offload" and auto_fp8 and "fp8-storage" not in current.options \
+                and plan.dtype != "fp32":
+            ladder.append((profile, ("fp8-storage",), False))
+    for profile, extra, streams in ladder:
+        options = current.options + extra
+        if profile == plan.profile and not extra:
+            continue
+        nxt = _with(current, profile, options, streams, sizes, request)
+        what = f"stepped down to {profile}" + (f" with {', '.join(extra)}" if extra else "")
+        steps.append((nxt, what))
+        current = nxt
+    return steps
+
+
+def _with(plan: MemoryPlan, profile: str, options: tuple[str, ...], streams: bool, sizes: ComponentSizes,
+          request: RequestSize) -> MemoryPlan:
+    options = _normalise_options(options)
+    peak = predict_peak_bytes(profile, options, sizes, request, plan.dtype, streams)
+    return replace(plan, profile=profile, options=options, use_streams=streams, predicted_peak_bytes=peak,
+                   fits=peak <= plan.budget_bytes, gpu_indices=plan.gpu_indices[:1],
+                   reason=f"stepped down after an out-of-memory error (predicted {_fmt_gb(peak)})")

@@ -1,0 +1,239 @@
+"""One typed, frozen settings object, built from CLI flags and ``ZIMAGE_*`` environment variables.
+
+Every setting is declared once, in :class:`Settings`, with its help text in the field metadata.
+:func:`add_settings_arguments` turns the declarations into argparse options and
+:func:`settings_from_args` merges them: a flag given on the command line wins over the
+``ZIMAGE_<NAME>`` environment variable, which wins over the default. Values are validated with
+messages that name the value and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+DEFAULT_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
+ENV_PREFIX = "ZIMAGE_"
+
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+PROFILE_CHOICES = (
+    "auto",
+    "full",
+    "balanced",
+    "model-offload",
+    "group-offload",
+    "sequential-offload",
+    "cpu",
+)
+OPTION_CHOICES = ("attention-slicing", "vae-tiling", "fp8-storage")
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the value and the fix."""
+
+
+def _default_data_dir() -> Path:
+    # Resolved when a Settings object is created, never at import.
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "zimage-server"
+
+
+def _setting(default: Any = None, *, help: str, choices: tuple[str, ...] | None = None,
+             default_factory: Any = None, metavar: str | None = None) -> Any:
+    metadata = {"help": help, "choices": choices, "metavar": metavar}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the engine, the web app and the tools can be configured with."""
+
+    # Model and precision
+    model: str = _setting(DEFAULT_MODEL_ID, help="Hub repo id or local diffusers folder of Z-Image-Turbo.",
+                          metavar="ID_OR_PATH")
+    demo: bool = _setting(False, help="Use the built-in tiny demo model (random weights, noise images; "
+                                      "no download). For trying the service and for tests.")
+    dtype: str = _setting("auto", choices=DTYPE_CHOICES,
+                          help="Weight precision. auto: bf16 on a GPU that supports it (the model was trained "
+                               "in bf16), fp16 on older GPUs, bf16 on CPU.")
+    device: str = _setting("auto", help="auto, cpu, cuda or cuda:N. auto uses the first CUDA GPU when there is one.",
+                           metavar="DEVICE")
+    # Memory
+    memory_profile: str = _setting("auto", choices=PROFILE_CHOICES,
+                                   help="How the model is placed in memory. auto lets the planner pick the fastest "
+                                        "placement that fits (see `python -m zimage plan`).")
+    memory_options: tuple[str, ...] = _setting(
+        default_factory=tuple, metavar="OPT[,OPT]",
+        help="Options always applied, comma separated: attention-slicing (accepted by diffusers but "
+             "measured as no change for this model), vae-tiling (decode in tiles: big images in less "
+             "memory), fp8-storage (transformer weights stored in fp8, computed in bf16: about half "
+             "the transformer memory, slight quality change).")
+    auto_fp8: bool = _setting(True, help="Let the auto planner choose fp8 weight storage when it avoids a much "
+                                         "slower placement. --no-auto-fp8 keeps weights lossless.")
+    reserve_mb: int = _setting(1024, help="GPU memory (MiB) the planner keeps free for the CUDA context, "
+                                          "fragmentation and other processes.")
+    # Files
+    outputs_dir: Path = _setting(Path("outputs"), help="Folder the generated PNGs are saved in.", metavar="DIR")
+    data_dir: Path = _setting(default_factory=_default_data_dir, metavar="DIR",
+                              help="Folder for the built demo model and other data the server makes.")
+    # Web app
+    host: str = _setting("127.0.0.1", help="Address to listen on. Anything but loopback exposes the service: "
+                                           "set authentication.")
+    port: int = _setting(7860, help="TCP port of the web app.")
+    queue_size: int = _setting(8, help="Jobs that may wait for the GPU; more are refused with a 'busy' message.")
+    auth: str = _setting("", help="Login pairs 'user:password[,user:password]' (prefer --auth-file).",
+                         metavar="PAIRS")
+    auth_file: Path | None = _setting(None, help="File with one 'user:password' per line.", metavar="FILE")
+    shutdown_timeout_s: float = _setting(60.0, help="On SIGTERM, how long the running job may finish before it "
+                                                    "is cancelled.")
+    log_prompts: bool = _setting(False, help="Write prompt text into the logs (off: prompts are private).")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def model_source(self) -> str:
+        """What the loader loads: 'demo' or the model id/path, for messages and metadata."""
+        return "demo" if self.demo else self.model
+
+
+def _validate(s: Settings) -> None:
+    def choice(name: str, value: str, choices: Iterable[str]) -> None:
+        if value not in choices:
+            raise SettingsError(
+                f"{name}={value!r} is not valid: use one of {', '.join(choices)} "
+                f"(--{name.replace('_', '-')} or {ENV_PREFIX}{name.upper()})."
+            )
+
+    choice("dtype", s.dtype, DTYPE_CHOICES)
+    choice("memory_profile", s.memory_profile, PROFILE_CHOICES)
+    for option in s.memory_options:
+        choice("memory_options", option, OPTION_CHOICES)
+    if not (s.device in ("auto", "cpu", "cuda") or (s.device.startswith("cuda:") and s.device[5:].isdigit())):
+        raise SettingsError(f"device={s.device!r} is not valid: use auto, cpu, cuda or cuda:N (e.g. cuda:1).")
+    if s.dtype == "fp16" and s.device == "cpu":
+        raise SettingsError("dtype='fp16' on device='cpu' is 60-120x slower than bf16 on a CPU: use --dtype bf16 "
+                            "or fp32 (or --dtype auto).")
+    if not s.model.strip():
+        raise SettingsError("model='' is empty: give a hub id such as Tongyi-MAI/Z-Image-Turbo, a local folder, "
+                            "or use --demo.")
+    if not 0 <= s.reserve_mb <= 1024 * 1024:
+        raise SettingsError(f"reserve_mb={s.reserve_mb} is out of range: use 0 to 1048576 MiB (default 1024).")
+    if not 1 <= s.port <= 65535:
+        raise SettingsError(f"port={s.port} is out of range: use 1 to 65535 (default 7860).")
+    if not 1 <= s.queue_size <= 1000:
+        raise SettingsError(f"queue_size={s.queue_size} is out of range: use 1 to 1000 (default 8).")
+    if not 0 < s.shutdown_timeout_s <= 3600:
+        raise SettingsError(f"shutdown_timeout_s={s.shutdown_timeout_s} is out of range: use more than 0 and at "
+                            "most 3600 seconds.")
+    for pair in _split_list(s.auth):
+        if ":" not in pair or not pair.split(":", 1)[0] or not pair.split(":", 1)[1]:
+            raise SettingsError("auth has an entry that is not 'user:password': write pairs as "
+                                "user:password,user2:password2 (or use --auth-file).")
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _field_type(f: dataclasses.Field) -> str:
+    # Annotations are strings under `from __future__ import annotations`.
+    return str(f.type)
+
+
+def _convert(f: dataclasses.Field, raw: str, origin: str) -> Any:
+    """Turn a string from the environment or argv into the field's type."""
+    kind = _field_type(f)
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw).expanduser()
+        if kind == "Path | None":
+            return Path(raw).expanduser() if raw.strip() else None
+        if kind == "tuple[str, ...]":
+            return tuple(_split_list(raw))
+        return raw
+    except ValueError:
+        expected = {"bool": "true or false", "int": "a whole number", "float": "a number"}.get(kind, kind)
+        raise SettingsError(f"{origin}={raw!r} is not valid: expected {expected}.") from None
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets a field, e.g. ``ZIMAGE_QUEUE_SIZE``."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """Add one option per setting (all, or those in ``names``) to ``parser``.
+
+    Options default to ``None`` so that :func:`settings_from_args` can tell "not given" from a value.
+    """
+    wanted = set(names) if names is not None else None
+    group = parser.add_argument_group("settings (each also as a ZIMAGE_* environment variable)")
+    for f in dataclasses.fields(Settings):
+        if wanted is not None and f.name not in wanted:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}]"
+        if _field_type(f) == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, default=None, type=str, choices=f.metadata["choices"],
+                               metavar=f.metadata["metavar"], help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace | None = None,
+                       environ: Mapping[str, str] | None = None,
+                       **overrides: Any) -> Settings:
+    """Build :class:`Settings`: explicit ``overrides`` > command-line flags > ``ZIMAGE_*`` env > defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+            continue
+        given = getattr(args, f.name, None) if args is not None else None
+        if given is not None:
+            values[f.name] = given if isinstance(given, bool) else _convert(f, given, "--" + f.name.replace("_", "-"))
+        elif env_name(f.name) in environ:
+            values[f.name] = _convert(f, environ[env_name(f.name)], env_name(f.name))
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return Settings(**values)
+
+
+def read_auth_pairs(settings: Settings) -> list[tuple[str, str]]:
+    """The (user, password) pairs from ``auth`` and ``auth_file``; empty when authentication is off."""
+    pairs = _split_list(settings.auth)
+    if settings.auth_file is not None:
+        try:
+            lines = settings.auth_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SettingsError(f"auth_file={str(settings.auth_file)!r} cannot be read ({exc.strerror}): "
+                                "check the path and its permissions.") from None
+        for number, line in enumerate(lines, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if ":" not in line or not line.split(":", 1)[0] or not line.split(":", 1)[1]:
+                raise SettingsError(f"auth_file line {number} is not 'user:password': fix or remove that line.")
+            pairs.append(line)
+    return [tuple(pair.split(":", 1)) for pair in pairs]  # type: ignore[misc]
