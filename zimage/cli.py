@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--vram-gb", type=float, help="Plan for a hypothetical GPU of this size (0: CPU only).")
     plan.add_argument("--gpus", type=int, default=1, help="With --vram-gb: number of such GPUs.")
     plan.add_argument("--ram-gb", type=float, default=64.0, help="With --vram-gb: system RAM.")
-    plan.add_argument("--width", type=int, default=DEFAULT_SIDE_PX)
-    plan.add_argument("--height", type=int, default=DEFAULT_SIDE_PX)
-    plan.add_argument("--num-images", type=int, default=1)
+    plan.add_argument("--width", type=int, default=DEFAULT_SIDE_PX, help="Image width to plan for, in pixels.")
+    plan.add_argument("--height", type=int, default=DEFAULT_SIDE_PX, help="Image height to plan for, in pixels.")
+    plan.add_argument("--num-images", type=int, default=1, help="Images per request to plan for.")
     plan.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     add_settings_arguments(plan, _PLAN_SETTINGS)
 
