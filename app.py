@@ -14,10 +14,15 @@ import logging
 import os
 import sys
 import threading
+import time
 
 from zimage.settings import Settings, SettingsError, add_settings_arguments, read_auth_pairs, settings_from_args
+from zimage.storage import gradio_cache_dir
 
 log = logging.getLogger("zimage.app")
+#: After the last job, how long files are still served before the server closes (clients fetch the image
+#: after they are told the result).
+RESULT_DELIVERY_GRACE_S = 2.0
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -43,11 +48,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: only "localhost" is known to stay on this machine
         return False
-
-
-def gradio_cache_dir(settings: Settings) -> str:
-    """Gradio's temporary folder: the operator's GRADIO_TEMP_DIR, else one of our own under data_dir."""
-    return os.environ.get("GRADIO_TEMP_DIR") or str((settings.data_dir / "gradio-cache").resolve())
 
 
 class GracefulServer:
@@ -82,6 +82,8 @@ class GracefulServer:
         def drain() -> None:
             idle = self.service.wait_idle(self.settings.shutdown_timeout_s)
             log.info("no job running, stopping" if idle else "the job did not stop in time; stopping anyway")
+            # The last result is announced before its image is fetched: keep serving files a moment.
+            time.sleep(RESULT_DELIVERY_GRACE_S)
             self.server.should_exit = True
 
         threading.Thread(target=drain, name="drain", daemon=True).start()
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Before gradio is imported: some of its modules read this at import time.
-    os.environ["GRADIO_TEMP_DIR"] = gradio_cache_dir(settings)
+    os.environ["GRADIO_TEMP_DIR"] = str(gradio_cache_dir(settings, os.environ))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     from zimage.logs import configure_logging

@@ -30,4 +30,7 @@ if [ "$dev" = 1 ]; then
 else
   .venv/bin/python -m pip install --quiet -r requirements.txt
 fi
+# Supervisor's socket, pid file and logs for deploy/supervisor/supervisord.conf: owner-only.
+mkdir -p run
+chmod 700 run
 echo "installed into .venv"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -182,6 +183,36 @@ def test_not_ready_and_shutdown_refuse_jobs(demo_settings) -> None:
     service.begin_shutdown()
     with pytest.raises(ServiceNotReady, match="shutting down"):
         service.generate(request())
+
+
+def test_a_job_waiting_for_the_gpu_when_shutdown_begins_is_refused(demo_settings) -> None:
+    service = GenerationService(demo_settings)
+    service.load()
+    started, outcome = threading.Event(), []
+
+    def first_progress(step: int, total: int) -> None:
+        started.set()
+        time.sleep(0.2)
+
+    def second() -> None:
+        try:
+            service.generate(request(seed=2))
+            outcome.append("ran")
+        except ServiceNotReady as exc:
+            outcome.append(str(exc))
+
+    first = threading.Thread(target=service.generate, args=(request(seed=1, steps=4),),
+                             kwargs={"on_progress": first_progress})
+    first.start()
+    started.wait(30)
+    waiting = threading.Thread(target=second)
+    waiting.start()
+    time.sleep(0.1)  # the second job is now blocked on the GPU lock
+    service.begin_shutdown()
+    first.join(60)
+    waiting.join(60)
+    assert outcome == ["The service is shutting down: try again in a moment."]
+    assert service.wait_idle(1)
 
 
 def test_failed_load_is_reported(tmp_path: Path) -> None:

@@ -94,82 +94,12 @@ def build_demo_model(out_dir: Path, seed: int = 0) -> Path:
 
 def build_demo_pipeline(seed: int = 0):
     """Instantiate the tiny pipeline in memory (float32, CPU)."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
-    from transformers import Qwen3Config, Qwen3Model
+    from .architecture import TINY, build_random_pipeline
 
-    tokenizer = _build_tokenizer()
-    torch.manual_seed(seed)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=32,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=16,
-        rope_theta=256.0,
-        t_scale=1000.0,
-        axes_dims=[8, 4, 4],
-        # 256 patches per side = 4096 px: room for the largest size the service allows.
-        axes_lens=[1024, 256, 256],
-    )
-    # These are created with torch.empty; uninitialised memory can hold NaN/inf.
-    with torch.no_grad():
-        transformer.x_pad_token.fill_(1.0)
-        transformer.cap_pad_token.fill_(1.0)
-    text_encoder = Qwen3Model(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=16,  # must equal the transformer's cap_feat_dim
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=1024,
-            rope_theta=1_000_000.0,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        # Four levels like the real Flux VAE, so the spatial factor is 8 as in production.
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[16, 16, 16, 16],
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=16,
-        # As the real VAE: tiling then works (a small sample_size makes GroupNorm fail on 1x1 tiles).
-        sample_size=1024,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    return ZImagePipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
+    return build_random_pipeline(TINY, build_tokenizer(), seed=seed)
 
 
-def _build_tokenizer():
+def build_tokenizer():
     """A byte-level BPE trained in memory, wrapped as a fast tokenizer with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

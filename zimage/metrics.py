@@ -27,8 +27,11 @@ class Metrics:
                                  registry=self.registry)
         self.queue_depth.set_function(queue_depth)
         self.gpu_peak_bytes = Gauge("zimage_gpu_peak_memory_bytes",
-                                    "Peak GPU memory allocated by the last generation (absent without a GPU).",
+                                    "Peak GPU memory allocated by the last generation (0 without a GPU).",
                                     registry=self.registry)
+        self.gpu_allocated_bytes = Gauge("zimage_gpu_allocated_memory_bytes",
+                                         "GPU memory still allocated after the last generation (0 without a "
+                                         "GPU); steady growth is a leak.", registry=self.registry)
         self.registry.register(_ServiceCollector(service))
 
     def render(self) -> tuple[bytes, str]:

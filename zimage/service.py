@@ -255,6 +255,15 @@ class GenerationService:
             for name, amount in increments.items():
                 setattr(self._stats, name, getattr(self._stats, name) + amount)
 
+    def unload(self) -> None:
+        """Drop the pipeline and give its memory back (waits for a running job). The service is then not ready."""
+        from .hardware import release_memory
+
+        with self._lock:
+            self._pipe = None
+            self.state = "starting"
+        release_memory()
+
     # --- Shutdown ----------------------------------------------------------------------------
     def begin_shutdown(self) -> None:
         """Refuse new jobs from now on; the running one continues."""
@@ -291,6 +300,10 @@ class GenerationService:
         if self.state != "ready":
             raise ServiceNotReady(self._not_ready_message())
         with self._lock:
+            if self._stopping.is_set():  # this job waited for the GPU while the shutdown began
+                raise ServiceNotReady("The service is shutting down: try again in a moment.")
+            if self._pipe is None:  # unloaded while this job waited
+                raise ServiceNotReady(self._not_ready_message())
             self._cancel_current.clear()
             self._busy_since = time.time()
             try:
@@ -484,6 +497,7 @@ class GenerationService:
         """One JSON line per job; the prompt only when the operator turned that on."""
         record: dict[str, Any] = {
             "event": "generation",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "request_id": request_id,
             "outcome": outcome,
             "seed": result.seed if result else request.seed,

@@ -19,6 +19,9 @@ PARTIAL_PREFIX = "."
 PARTIAL_SUFFIX = ".partial"
 #: The kinds of files the app writes (and the cleanup script may delete).
 OUTPUT_SUFFIXES = (".png",)
+#: zlib level for PNGs. The save runs while the next job waits for the GPU; on a 1024x1024 photo-like
+#: image level 1 took 0.11 s against 0.42 s for PIL's default 6, for files about 17% larger.
+PNG_COMPRESS_LEVEL = 1
 #: The PNG text key holding all parameters as one JSON object.
 METADATA_KEY = "zimage"
 
@@ -50,7 +53,7 @@ class OutputStore:
         info.add_text("Software", f"z-image-turbo-server {metadata.get('version', '')}".strip())
         try:
             with open(partial, "wb") as handle:
-                image.save(handle, format="PNG", pnginfo=info)
+                image.save(handle, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(partial, final)
@@ -58,6 +61,15 @@ class OutputStore:
             partial.unlink(missing_ok=True)
             raise
         return final
+
+
+def gradio_cache_dir(settings: Any, environ: Mapping[str, str]) -> Path:
+    """Gradio's temporary folder for this app: the operator's ``GRADIO_TEMP_DIR``, else ``<data_dir>/gradio-cache``.
+
+    app.py exports it before Gradio is imported; the cleanup script finds the same folder with it.
+    """
+    given = environ.get("GRADIO_TEMP_DIR")
+    return Path(given) if given else (Path(settings.data_dir) / "gradio-cache").resolve()
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -280,6 +280,7 @@ def _record_gpu_peak(metrics: Metrics, device: str) -> None:
     stats = gpu_memory_stats(device)
     if stats:
         metrics.gpu_peak_bytes.set(stats["peak_allocated_bytes"])
+        metrics.gpu_allocated_bytes.set(stats["allocated_bytes"])
         reset_gpu_peak(device)
 
 

@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""Peak VRAM and latency of every memory profile on the full-size Z-Image-Turbo architecture (CUDA only).
+
+No download: the published architecture (zimage.architecture.PUBLISHED: 6.15B-parameter transformer,
+Qwen3-4B-sized text encoder, Flux VAE) is built with random weights on the GPU in bf16 and saved once
+to local disk, so the loader's real ``from_pretrained`` path and the planner's safetensors-header sizes
+are exercised. Then, at 1024x1024 and the Turbo step count, through the generation service:
+
+1. each profile and option (full, model-offload, group-offload with and without streams,
+   sequential-offload; attention-slicing, vae-tiling, fp8-storage): peak allocated and reserved
+   VRAM, median latency of ``--repeats`` runs after a warm-up, RAM used;
+2. emulated 8/12/16/24 GB cards (``torch.cuda.set_per_process_memory_fraction``): what
+   ``--memory-profile auto`` picks, run for real, its predicted peak next to the measured one (the
+   planner's error), and which profiles fit by their measured peaks (``--emulate-all`` runs them all);
+3. the compute floor: the transformer's FLOPs per image over the GPU's measured bf16 matmul rate,
+   and each profile's latency as a multiple of it.
+
+Writes ``<out>/gpu-<device>-<date>.json`` and a section of ``benchmarks/RESULTS.md``. Without a CUDA
+GPU it says so and exits 0. ``--tiny`` runs the same flow on the demo architecture on the CPU (the
+``cpu`` profile only): the smoke test that keeps this script working on machines without a GPU.
+
+    python benchmarks/gpu_profiles.py                      # on a CUDA machine, about 10 minutes on an H100
+    python benchmarks/gpu_profiles.py --tiny --out /tmp/g  # anywhere, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+GIB = 1024**3
+CARDS_GB = (8, 12, 16, 24)
+#: The transformer pads image and caption tokens to a multiple of this (diffusers' SEQ_MULTI_OF).
+SEQ_MULTIPLE = 32
+PROMPT = "A red fox in fresh snow at sunrise, detailed fur, soft golden light, 35mm photograph"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One placement to measure."""
+
+    profile: str
+    options: tuple[str, ...] = ()
+    use_streams: bool | None = None  # group-offload only: None = the planner's choice (streams on CUDA)
+    max_repeats: int | None = None  # cap for very slow placements
+
+    @property
+    def label(self) -> str:
+        name = " + ".join((self.profile,) + self.options)
+        if self.use_streams is not None:
+            name += " (streams)" if self.use_streams else " (no streams)"
+        return name
+
+
+GPU_CASES = (
+    Case("full"),
+    Case("full", ("attention-slicing",)),
+    Case("full", ("vae-tiling",)),
+    Case("full", ("fp8-storage",)),
+    Case("model-offload"),
+    Case("model-offload", ("attention-slicing",)),
+    Case("model-offload", ("vae-tiling",)),
+    Case("model-offload", ("fp8-storage",)),
+    Case("group-offload", (), use_streams=True),
+    Case("group-offload", (), use_streams=False),
+    Case("sequential-offload", (), max_repeats=1),
+)
+CPU_CASES = (Case("cpu"),)
+
+
+# --- Pure parts (tested without a GPU) --------------------------------------------------------------
+
+def padded(tokens: int) -> int:
+    return math.ceil(tokens / SEQ_MULTIPLE) * SEQ_MULTIPLE
+
+
+def transformer_flops_per_image(config: dict[str, Any], width: int, height: int, steps: int,
+                                caption_tokens: int) -> float:
+    """Floating-point operations of the transformer for one image (multiply-add = 2 FLOPs).
+
+    Per forward: the main layers over image + caption tokens, the noise refiner over image tokens,
+    the context refiner over caption tokens; each block is q/k/v/o projections (4 d^2 per token),
+    the SwiGLU feed-forward (3 d h, h = 8d/3) and attention (QK^T and AV: 2 S^2 d per block), plus the
+    patch/caption embedders and the final layer. Guidance-free (Turbo): one forward per step.
+    """
+    dim = config["dim"]
+    hidden = int(dim / 3 * 8)
+    patch = config["all_patch_size"][0]
+    latent_channels = config["in_channels"]
+    image_tokens = padded((width // 8 // patch) * (height // 8 // patch))
+    caption = padded(caption_tokens)
+
+    def block(tokens: int) -> float:
+        return 2 * tokens * (4 * dim * dim + 3 * dim * hidden) + 2 * 2 * tokens * tokens * dim
+
+    patch_features = patch * patch * latent_channels
+    per_forward = (config["n_layers"] * block(image_tokens + caption)
+                   + config["n_refiner_layers"] * (block(image_tokens) + block(caption))
+                   + 2 * image_tokens * patch_features * dim * 2  # x embedder and final layer
+                   + 2 * caption * config["cap_feat_dim"] * dim)
+    return per_forward * steps
+
+
+def planner_error_percent(predicted_bytes: int, measured_bytes: int) -> float:
+    """How far the prediction is from the measurement, in percent of the measurement (+ = overestimate)."""
+    return 100.0 * (predicted_bytes - measured_bytes) / measured_bytes if measured_bytes else float("nan")
+
+
+def fits(measured_peak_reserved_bytes: int, card_gb: float, reserve_bytes: int) -> bool:
+    """Whether a placement whose measured peak is this would run on a card of ``card_gb``."""
+    from zimage.planner import CUDA_CONTEXT_BYTES
+
+    return measured_peak_reserved_bytes <= card_gb * GIB - CUDA_CONTEXT_BYTES - reserve_bytes
+
+
+def markdown(result: dict) -> str:
+    """The tables for RESULTS.md and stdout."""
+    m = result["machine"]
+    floor = result["compute_floor"]
+    lines = [
+        f"### Memory profiles, {result['architecture']}, {result['date']}",
+        "",
+        f"Device: **{m['device']}** ({m['gpu_total_gb']:.0f} GB), torch {m['torch']}, diffusers {m['diffusers']}; "
+        f"{result['width']}x{result['height']}, {result['steps']} steps, {result['dtype']}, median of "
+        f"{result['repeats']} after a warm-up. Weights are random: memory and speed are the real model's, "
+        "the images are not.",
+        "",
+        "| placement | peak allocated | peak reserved | median latency | x compute floor | RAM (RSS) | note |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in result["profiles"]:
+        if row["ok"]:
+            lines.append(f"| {row['label']} | {row['peak_allocated_bytes'] / GIB:.2f} GiB | "
+                         f"{row['peak_reserved_bytes'] / GIB:.2f} GiB | {row['median_s']:.2f} s | "
+                         f"{row['median_s'] / floor['floor_s']:.1f}x | {row['rss_gb']:.1f} GB | "
+                         f"predicted {row['predicted_peak_bytes'] / GIB:.2f} GiB |")
+        else:
+            lines.append(f"| {row['label']} | - | - | - | - | - | failed: {row['error'][:80]} |")
+    lines += [
+        "",
+        f"Compute floor: the transformer does {floor['transformer_tflop_per_image']:.3g} TFLOP per image "
+        f"({floor['caption_tokens']} caption tokens); measured bf16 matmul rate "
+        f"{floor['matmul_tflops']:.3g} TFLOP/s; floor {floor['floor_s']:.3g} s per image.",
+    ]
+    if result.get("cards"):
+        lines += ["", "| emulated card | auto picks | predicted peak | measured peak (reserved) | planner error | "
+                  "latency | placements that fit (measured peaks) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for card in result["cards"]:
+            run = card["auto"]
+            measured = (f"{run['peak_reserved_bytes'] / GIB:.2f} GiB" if run["ok"] else f"failed: {run['error'][:60]}")
+            error = f"{card['planner_error_percent']:+.0f}%" if run["ok"] else "-"
+            latency = f"{run['median_s']:.2f} s" if run["ok"] else "-"
+            lines.append(f"| {card['card_gb']} GB | {run['label']} | {run['predicted_peak_bytes'] / GIB:.2f} GiB | "
+                         f"{measured} | {error} | {latency} | {', '.join(card['fitting']) or 'none'} |")
+    return "\n".join(lines)
+
+
+# --- Adapters (CUDA, or the CPU with --tiny) -------------------------------------------------------
+
+def build_and_save(arch: Any, folder: Path, device: str) -> float:
+    """Build ``arch`` with random weights directly on ``device`` in bf16 and save it; returns seconds."""
+    import torch
+
+    from zimage.architecture import build_random_pipeline
+    from zimage.demo_model import build_tokenizer
+    from zimage.hardware import release_memory
+
+    started = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            pipe = build_random_pipeline(arch, build_tokenizer(), seed=0)
+    finally:
+        torch.set_default_dtype(previous)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    del pipe
+    release_memory()
+    return time.perf_counter() - started
+
+
+def matmul_tflops(device: str, side: int, iterations: int) -> float:
+    """Measured dense bf16 matmul rate of ``device`` in TFLOP/s."""
+    import torch
+
+    a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(iterations):
+        a @ b
+    _sync(device)
+    return 2 * side**3 * iterations / (time.perf_counter() - started) / 1e12
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def caption_tokens(folder: Path) -> int:
+    """Tokens the pipeline feeds the transformer for PROMPT (chat template included, no padding)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+    return len(tokenizer(text).input_ids)
+
+
+def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, device: str) -> dict:
+    """Load the pipeline with this placement through the service, generate, and measure."""
+    import psutil
+
+    from zimage.errors import ZImageError
+    from zimage.hardware import gpu_memory_stats, reset_gpu_peak
+    from zimage.loader import load_pipeline
+    from zimage.planner import PlanError
+    from zimage.service import DEFAULT_STEPS, GenerationRequest, GenerationService
+    from zimage.settings import Settings
+
+    settings = Settings(model=str(folder), memory_profile=case.profile, memory_options=case.options,
+                        device=device, outputs_dir=work / "outputs",
+                        data_dir=work / "data", auto_fp8=True)
+
+    def factory(source: Any, plan: Any) -> Any:
+        if case.use_streams is not None and plan.profile == "group-offload":
+            plan = replace(plan, use_streams=case.use_streams)
+        return load_pipeline(source, plan)
+
+    service = GenerationService(settings, devices=devices, pipeline_factory=factory)
+    row: dict[str, Any] = {"label": case.label, "ok": False}
+    try:
+        started = time.perf_counter()
+        service.load()
+        row["load_s"] = time.perf_counter() - started
+        plan = service.plan
+        row.update(label=case.label if case.profile != "auto" else plan.describe(), profile=plan.profile,
+                   options=list(plan.options), predicted_peak_bytes=plan.predicted_peak_bytes)
+        request = GenerationRequest(prompt=PROMPT, width=1024, height=1024, steps=DEFAULT_STEPS, seed=1)
+        service.generate(request)  # warm-up: kernels, allocator, offload hooks
+        reset_gpu_peak(device)
+        latencies = []
+        for _ in range(min(repeats, case.max_repeats or repeats)):
+            result = service.generate(request)
+            if result.recoveries:  # the service stepped down: this placement did not run as asked
+                raise ZImageError(f"out of memory, recovered by: {'; '.join(result.recoveries)}")
+            latencies.append(result.timings["generate_s"])
+        stats = gpu_memory_stats(device)
+        row.update(ok=True, latencies_s=latencies, median_s=statistics.median(latencies),
+                   peak_allocated_bytes=stats.get("peak_allocated_bytes", 0),
+                   peak_reserved_bytes=stats.get("peak_reserved_bytes", 0),
+                   rss_gb=psutil.Process().memory_info().rss / 1e9)
+    except (ZImageError, PlanError, RuntimeError) as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        service.unload()  # the next case loads its own pipeline into the freed memory
+    return row
+
+
+def machine(device: str) -> dict:
+    import diffusers
+    import torch
+
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        return {"device": props.name, "gpu_total_gb": props.total_memory / 1e9, "torch": torch.__version__,
+                "diffusers": diffusers.__version__}
+    return {"device": "CPU (tiny smoke run)", "gpu_total_gb": 0.0, "torch": torch.__version__,
+            "diffusers": diffusers.__version__}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from zimage.architecture import PUBLISHED, TINY
+    from zimage.hardware import probe_devices
+    from zimage.logs import configure_logging
+    from zimage.planner import hypothetical_devices
+    from zimage.service import DEFAULT_STEPS
+
+    configure_logging("WARNING")
+    device = "cpu" if args.tiny else "cuda:0"
+    arch = TINY if args.tiny else PUBLISHED
+    work = Path(tempfile.mkdtemp(prefix="zimage-gpu-bench-", dir=args.work_dir))
+    folder = work / "model"
+    print(f"building {arch.name} with random weights on {device} ...", file=sys.stderr)
+    build_s = build_and_save(arch, folder, device)
+    devices = probe_devices()
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "architecture": arch.name, "machine": machine(device),
+        "width": 1024, "height": 1024, "steps": DEFAULT_STEPS, "dtype": "bf16", "repeats": args.repeats,
+        "build_and_save_s": build_s,
+    }
+    tokens = caption_tokens(folder)
+    flops = transformer_flops_per_image(arch.transformer, 1024, 1024, DEFAULT_STEPS, tokens)
+    rate = matmul_tflops(device, 256 if args.tiny else 8192, 3 if args.tiny else 50)
+    result["compute_floor"] = {"caption_tokens": tokens, "transformer_tflop_per_image": flops / 1e12,
+                               "matmul_tflops": rate, "floor_s": flops / 1e12 / rate}
+    cases = CPU_CASES if args.tiny else GPU_CASES
+    result["profiles"] = []
+    for case in cases:
+        print(f"profile {case.label} ...", file=sys.stderr)
+        result["profiles"].append(run_case(folder, case, devices, args.repeats, work, device))
+    result["cards"] = []
+    if not args.tiny:
+        total = torch.cuda.get_device_properties(device).total_memory
+        for card_gb in CARDS_GB:
+            print(f"emulating a {card_gb} GB card ...", file=sys.stderr)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, card_gb * GIB / total), device)
+            try:
+                card_devices = hypothetical_devices(card_gb, 1, devices.ram_total_bytes / GIB)
+                auto = run_case(folder, Case("auto"), card_devices, 1, work, device)
+                fitting = [r["label"] for r in result["profiles"]
+                           if r["ok"] and fits(r["peak_reserved_bytes"], card_gb, 1024**3)]
+                if args.emulate_all:
+                    fitting = [c.label for c in cases
+                               if run_case(folder, c, card_devices, 1, work, device)["ok"]]
+                result["cards"].append({
+                    "card_gb": card_gb, "auto": auto, "fitting": fitting,
+                    "planner_error_percent": planner_error_percent(auto.get("predicted_peak_bytes", 0),
+                                                                   auto.get("peak_reserved_bytes", 0))})
+            finally:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from results_md import write_section
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="Folder for the JSON.")
+    parser.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md",
+                        help="Markdown file whose section for this device is replaced.")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="Where the random-weight model (about 21 GB) is saved (default: the temp folder).")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed runs per placement after the warm-up.")
+    parser.add_argument("--emulate-all", action="store_true",
+                        help="On each emulated card, run every placement instead of judging by measured peaks.")
+    parser.add_argument("--tiny", action="store_true", help="The demo architecture on the CPU: a smoke test.")
+    args = parser.parse_args(argv)
+    if not args.tiny:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_profiles: no CUDA GPU on this machine, nothing to measure (use --tiny for a CPU smoke run).")
+            return 0
+    started = time.perf_counter()
+    result = run(args)
+    result["wall_s"] = time.perf_counter() - started
+    slug = "".join(c if c.isalnum() else "-" for c in result["machine"]["device"].lower()).strip("-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"gpu-{slug}-{result['date']}.json"
+    json_path.write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    write_section(args.results_md, f"gpu-profiles {slug}", table)
+    print(table)
+    print(f"\nwritten: {json_path}, {args.results_md} ({result['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""GPU tier (opt-in: ZIMAGE_TEST_GPU=1 on a CUDA machine): the real diffusers placement calls on the demo model.
+
+On CPU machines these are skipped; there the same plans are checked with recording fakes
+(tests/test_loader.py) because enable_model_cpu_offload and friends need an accelerator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.gpu
+
+PROFILES = [("full", ()), ("full", ("vae-tiling", "fp8-storage")), ("model-offload", ()),
+            ("model-offload", ("fp8-storage",)), ("group-offload", ()), ("sequential-offload", ())]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    return _generate(data_dir, tmp_path_factory.mktemp("ref"), "full", ())
+
+
+def _generate(data_dir: Path, out: Path, profile: str, options: tuple[str, ...]) -> np.ndarray:
+    from zimage.service import GenerationRequest, GenerationService
+    from zimage.settings import Settings
+
+    settings = Settings(demo=True, data_dir=data_dir, outputs_dir=out, device="cuda:0", memory_profile=profile,
+                        memory_options=options)
+    service = GenerationService(settings)
+    service.load()
+    assert service.plan.profile == profile and service.plan.device == "cuda:0"
+    result = service.generate(GenerationRequest(prompt="a cat", width=256, height=256, steps=4, seed=3))
+    service.unload()
+    with Image.open(result.paths[0]) as png:
+        return np.asarray(png.convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.parametrize("profile, options", PROFILES)
+def test_each_placement_generates_on_the_gpu(data_dir: Path, tmp_path: Path, reference: np.ndarray,
+                                             profile: str, options: tuple[str, ...]) -> None:
+    pixels = _generate(data_dir, tmp_path, profile, options)
+    assert pixels.shape == (256, 256, 3)
+    if "fp8-storage" not in options:
+        # Offloading moves weights, it does not change the arithmetic: (nearly) the same image.
+        assert np.abs(pixels - reference).mean() < 2.0
