@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _make_demo(args: argparse.Namespace) -> int:
     from .demo_model import build_demo_model
+    from .logs import configure_logging
 
+    configure_logging("WARNING")  # also silences the libraries' "Writing model shards" bars
     if args.dir.exists() and any(args.dir.iterdir()):
         print(f"error: {args.dir} exists and is not empty: choose a new folder.", file=sys.stderr)
         return 2
