@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="A short run (under 2 minutes) for smoke tests.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                         help="Folder for the JSON and the plot (default benchmarks/results).")
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "benchmarks" / "work" / "data",
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "benchmarks" / "scratch" / "data",
                         help="Where the demo model is built once and reused.")
     parser.add_argument("--results-md", type=Path, default=None,
                         help="Markdown file to put the tables in (default: benchmarks/RESULTS.md for a full run, "
