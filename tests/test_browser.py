@@ -90,10 +90,10 @@ def test_invalid_custom_size_shows_a_readable_error(browser, server) -> None:
 def test_a_queued_job_shows_its_place_in_the_queue(browser, server, tmp_path: Path) -> None:
     from gradio_client import Client
 
-    # Someone else's long job holds the GPU.
-    other = Client(server.url, verbose=False, download_files=str(tmp_path)).submit(
-        "a long job", 1024, 1024, 30, 1, 1, api_name="/generate")
-    while not other.status().progress_data:
+    # Two other jobs take both workers: one on the GPU, one waiting for it (see web.GPU_WORKERS).
+    client = Client(server.url, verbose=False, download_files=str(tmp_path))
+    others = [client.submit("a long job", 1024, 1024, 16, seed, 1, api_name="/generate") for seed in (1, 2)]
+    while not all(other.status().progress_data for other in others):
         time.sleep(0.05)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     open_page(page, server)
@@ -103,7 +103,7 @@ def test_a_queued_job_shows_its_place_in_the_queue(browser, server, tmp_path: Pa
                            timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-queued.png"))
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Seed')", timeout=180_000)
-    assert other.done()  # ours ran after the other one, one job at a time
+    assert all(other.done() for other in others)  # ours ran after the others, one job at a time
     page.close()
 
 

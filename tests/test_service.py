@@ -175,6 +175,39 @@ def test_one_job_at_a_time(shared_service: GenerationService) -> None:
     assert not overlap
 
 
+def test_saving_happens_outside_the_lock_so_the_next_job_starts(demo_settings) -> None:
+    from zimage.storage import OutputStore
+
+    events: list[str] = []
+
+    class SlowStore(OutputStore):
+        def save(self, image, request_id, index, metadata):
+            events.append(f"save start {metadata['seed']}")
+            time.sleep(0.5)
+            path = super().save(image, request_id, index, metadata)
+            events.append(f"save end {metadata['seed']}")
+            return path
+
+    service = GenerationService(demo_settings, store=SlowStore(demo_settings.outputs_dir))
+    service.load()
+
+    def job(seed: int) -> None:
+        service.generate(request(seed=seed, steps=2),
+                         on_progress=lambda step, total: events.append(f"step {seed}") if step == 1 else None)
+
+    first = threading.Thread(target=job, args=(1,))
+    first.start()
+    while "step 1" not in events:
+        time.sleep(0.01)
+    second = threading.Thread(target=job, args=(2,))
+    second.start()
+    first.join(60)
+    second.join(60)
+    # The second job denoised while the first was still being written.
+    assert events.index("step 2") < events.index("save end 1"), events
+    assert service.wait_idle(1) and not service.busy
+
+
 def test_not_ready_and_shutdown_refuse_jobs(demo_settings) -> None:
     service = GenerationService(demo_settings)
     with pytest.raises(ServiceNotReady, match="still loading"):

@@ -9,7 +9,8 @@ This is the only place that calls the pipeline. A job:
 4. on ``torch.OutOfMemoryError`` frees memory and walks the ladder from
    :func:`zimage.planner.leaner_plans` (VAE tiling, then leaner profiles), retrying after each step;
 5. checks the pixels for NaN (fp16 black images) and retries once in a safe dtype;
-6. saves the PNGs with their parameters and returns a :class:`GenerationResult`.
+6. releases the lock, then saves the PNGs with their parameters (so the next job's denoising overlaps
+   this job's encoding and disk write) and returns a :class:`GenerationResult`.
 """
 
 from __future__ import annotations
@@ -111,6 +112,18 @@ class GenerationResult:
         }
 
 
+@dataclass(frozen=True)
+class _Rendered:
+    """What the GPU produced for a job, handed from the locked stage to the saving stage."""
+
+    pixels: Any
+    plan: MemoryPlan
+    wait_s: float
+    generate_s: float
+    warnings: tuple[str, ...]
+    recoveries: tuple[str, ...]
+
+
 @dataclass
 class ServiceStats:
     """Counters for metrics; read with :meth:`GenerationService.stats`."""
@@ -197,6 +210,7 @@ class GenerationService:
         self.load_error: str | None = None
         self.load_seconds: float | None = None
         self._busy_since: float | None = None
+        self._jobs_after_lock = 0  # jobs holding the lock or saving after it: wait_idle waits for both
         self._stopping = threading.Event()
         self._cancel_current = threading.Event()
 
@@ -272,16 +286,22 @@ class GenerationService:
             self.state = "stopping"
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Wait for the running job; cancel it if it outlasts ``timeout_s``. True when idle."""
-        if self._lock.acquire(timeout=timeout_s):
-            self._lock.release()
-            return True
-        log.warning("the running job outlasted the %.0f s shutdown bound: cancelling it", timeout_s)
-        self._cancel_current.set()
-        if self._lock.acquire(timeout=30):
-            self._lock.release()
-            return True
-        return False
+        """Wait for the running job (and its saving); cancel it if it outlasts ``timeout_s``. True when idle."""
+        deadline = time.monotonic() + timeout_s
+        if not self._wait_jobs_done(deadline):
+            log.warning("the running job outlasted the %.0f s shutdown bound: cancelling it", timeout_s)
+            self._cancel_current.set()
+            return self._wait_jobs_done(time.monotonic() + 30)
+        return True
+
+    def _wait_jobs_done(self, deadline: float) -> bool:
+        while True:
+            with self._stats_lock:
+                if self._jobs_after_lock == 0 and not self._lock.locked():
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     # --- Generation --------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
@@ -306,37 +326,61 @@ class GenerationService:
                 raise ServiceNotReady(self._not_ready_message())
             self._cancel_current.clear()
             self._busy_since = time.time()
+            self._track_in_flight(+1)
             try:
-                result = self._generate_locked(request, request_id, on_progress, cancel, started)
-            except GenerationCancelled as exc:
-                self._count(jobs_cancelled=1)
-                self._log_job(request_id, request, "cancelled", started, error=str(exc))
-                raise
-            except ZImageError as exc:
-                self._count(jobs_failed=1)
-                self._log_job(request_id, request, "failed", started, error=str(exc))
-                raise
-            except Exception as exc:
-                self._count(jobs_failed=1)
-                self._log_job(request_id, request, "error", started, error=f"{type(exc).__name__}: {exc}")
+                rendered = self._logging_outcome(request_id, request, started, lambda: self._render_locked(
+                    request, on_progress, cancel, started))
+            except BaseException:
+                self._track_in_flight(-1)
                 raise
             finally:
                 self._busy_since = None
+        # Outside the lock: the next job's denoising overlaps this job's PNG encoding and disk write.
+        try:
+            result = self._logging_outcome(request_id, request, started, lambda: self._save_result(
+                request, request_id, rendered, started))
+        finally:
+            self._track_in_flight(-1)
         self._count(jobs_succeeded=1, images_generated=len(result.paths),
                     generation_seconds_total=result.timings["generate_s"])
         self._log_job(request_id, request, "ok", started, result=result)
         return result
+
+    def _logging_outcome(self, request_id: str, request: GenerationRequest, started: float,
+                         step: Callable[[], Any]) -> Any:
+        """Run one stage of a job; a failure is counted and logged (one JSON line) before it propagates."""
+        try:
+            return step()
+        except GenerationCancelled as exc:
+            self._count(jobs_cancelled=1)
+            self._log_job(request_id, request, "cancelled", started, error=str(exc))
+            raise
+        except ZImageError as exc:
+            self._count(jobs_failed=1)
+            self._log_job(request_id, request, "failed", started, error=str(exc))
+            raise
+        except Exception as exc:
+            self._count(jobs_failed=1)
+            self._log_job(request_id, request, "error", started, error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _track_in_flight(self, delta: int) -> None:
+        with self._stats_lock:
+            self._jobs_after_lock += delta
 
     def _not_ready_message(self) -> str:
         if self.state == "failed":
             return f"The model failed to load: {self.load_error}"
         return "The model is still loading: try again in a moment."
 
-    def _generate_locked(self, request: GenerationRequest, request_id: str, on_progress: ProgressCallback | None,
-                         cancel: threading.Event | None, started: float) -> GenerationResult:
+    def _render_locked(self, request: GenerationRequest, on_progress: ProgressCallback | None,
+                       cancel: threading.Event | None, started: float) -> _Rendered:
+        """Run the pipeline under the lock, with the OOM ladder and the NaN retry; returns the pixels."""
         import numpy as np
 
         lock_acquired = time.perf_counter()
+        if cancel is not None and cancel.is_set():  # cancelled while it waited for the GPU
+            raise GenerationCancelled("The generation was cancelled.")
         warnings = self._prompt_warnings(request.prompt)
         recoveries: list[str] = []
         request_size = RequestSize(request.width, request.height, request.num_images, request.guidance_scale > 0)
@@ -389,23 +433,29 @@ class GenerationService:
                 self._switch_plan(safe_plan)
                 continue
             break
+        return _Rendered(pixels=pixels, plan=self.plan, wait_s=lock_acquired - started, generate_s=generate_s,
+                         warnings=tuple(warnings), recoveries=tuple(recoveries))
 
-        images = _to_pil(pixels)
+    def _save_result(self, request: GenerationRequest, request_id: str, rendered: _Rendered,
+                     started: float) -> GenerationResult:
+        """Convert and save the images (no lock held) and assemble the result."""
+        images = _to_pil(rendered.pixels)
         save_started = time.perf_counter()
         seeds = tuple(request.seed + i for i in range(request.num_images))
         paths = tuple(
-            self.store.save(image, request_id, index, self._metadata(request, seeds[index], request_id, index))
+            self.store.save(image, request_id, index,
+                            self._metadata(request, seeds[index], request_id, index, rendered.plan))
             for index, image in enumerate(images)
         )
         finished = time.perf_counter()
         timings = {
-            "wait_s": lock_acquired - started,
-            "generate_s": generate_s,
+            "wait_s": rendered.wait_s,
+            "generate_s": rendered.generate_s,
             "save_s": finished - save_started,
             "total_s": finished - started,
         }
-        return GenerationResult(request_id=request_id, paths=paths, seeds=seeds, request=request, plan=self.plan,
-                                timings=timings, warnings=tuple(warnings), recoveries=tuple(recoveries),
+        return GenerationResult(request_id=request_id, paths=paths, seeds=seeds, request=request, plan=rendered.plan,
+                                timings=timings, warnings=rendered.warnings, recoveries=rendered.recoveries,
                                 images=tuple(images))
 
     def _run_pipeline(self, request: GenerationRequest, on_progress: ProgressCallback | None,
@@ -476,7 +526,8 @@ class GenerationService:
             self._pipe = self._factory(self._source, new_plan)
         self.plan = new_plan
 
-    def _metadata(self, request: GenerationRequest, seed: int, request_id: str, index: int) -> dict[str, Any]:
+    def _metadata(self, request: GenerationRequest, seed: int, request_id: str, index: int,
+                  plan: MemoryPlan) -> dict[str, Any]:
         return {
             "prompt": request.prompt,
             "seed": seed,
@@ -485,7 +536,7 @@ class GenerationService:
             "height": request.height,
             "guidance_scale": request.guidance_scale,
             "model": self.model_label,
-            "profile": self.plan.describe(),
+            "profile": plan.describe(),
             "version": __version__,
             "request_id": request_id,
             "index": index,
@@ -495,6 +546,7 @@ class GenerationService:
     def _log_job(self, request_id: str, request: GenerationRequest, outcome: str, started: float, *,
                  result: GenerationResult | None = None, error: str | None = None) -> None:
         """One JSON line per job; the prompt only when the operator turned that on."""
+        plan = result.plan if result is not None else self.plan
         record: dict[str, Any] = {
             "event": "generation",
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -506,7 +558,7 @@ class GenerationService:
             "steps": request.steps,
             "num_images": request.num_images,
             "duration_s": round(time.perf_counter() - started, 3),
-            "profile": self.plan.describe() if self.plan else None,
+            "profile": plan.describe() if plan else None,
         }
         if result is not None and result.recoveries:
             record["recoveries"] = list(result.recoveries)

@@ -86,7 +86,8 @@ class Settings:
     host: str = _setting("127.0.0.1", help="Address to listen on. Anything but loopback exposes the service: "
                                            "set authentication.")
     port: int = _setting(7860, help="TCP port of the web app.")
-    queue_size: int = _setting(8, help="Jobs that may wait for the GPU; more are refused with a 'busy' message.")
+    queue_size: int = _setting(8, help="Jobs that may wait in the queue besides the one generating and the one "
+                                       "next in line; more are refused with a 'busy' message.")
     auth: str = _setting("", help="Login pairs 'user:password[,user:password]' (prefer --auth-file).",
                          metavar="PAIRS")
     auth_file: Path | None = _setting(None, help="File with one 'user:password' per line.", metavar="FILE")

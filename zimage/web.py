@@ -1,8 +1,9 @@
 """The web app: a Gradio Blocks UI and HTTP API over the generation service, plus /healthz and /metrics.
 
 :func:`build_app` returns a FastAPI application with Gradio mounted at ``/``. Every generation goes
-through Gradio's queue in one concurrency group (``gpu``, limit 1), bounded by ``queue_size``
-waiting jobs; a full queue is refused with Gradio's "busy, please try again" answer (HTTP 503).
+through Gradio's queue in one concurrency group (``gpu``, two workers over the service's one-job lock),
+bounded by ``queue_size`` waiting jobs; a full queue is refused with Gradio's "busy, please try again"
+answer (HTTP 503).
 """
 
 import logging
@@ -49,6 +50,10 @@ EXAMPLE_PROMPTS = [
 #: Gradio's own cache of served files: checked every 5 minutes, files older than 30 minutes deleted.
 GRADIO_CACHE_SWEEP = (300, 1800)
 CONCURRENCY_ID = "gpu"
+#: Gradio workers for generation. The service's lock still runs one pipeline at a time; the second
+#: worker lets the next job take the GPU while the previous one is saved and sent (PNG encoding,
+#: Gradio's file handling), so the GPU does not sit idle between jobs.
+GPU_WORKERS = 2
 
 
 class _BusyCounter:
@@ -227,7 +232,7 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
                          api_visibility="private")
         job = generate_button.click(
             generate, inputs=[prompt, width, height, steps, seed, num_images], outputs=[result, info],
-            api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=1)
+            api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=GPU_WORKERS)
         job.success(remember, inputs=[result, info, history_state], outputs=[history, history_state, status],
                     queue=False, api_visibility="private").then(
             lambda i: i, inputs=[info], outputs=[last_info], queue=False, api_visibility="private")
