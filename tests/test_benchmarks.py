@@ -86,6 +86,7 @@ def test_gpu_benchmark_flow_on_the_tiny_model(tmp_path: Path) -> None:
     assert row["ok"] and row["label"] == "cpu" and len(row["latencies_s"]) == 2 and row["median_s"] > 0
     assert result["compute_floor"]["caption_tokens"] > 10 and result["compute_floor"]["floor_s"] > 0
     assert "| cpu |" in results_md.read_text() and "x compute floor" in done.stdout
+    assert not list(tmp_path.glob("zimage-gpu-bench-*"))  # the saved model does not stay on disk
 
 
 def test_service_benchmark_quick_mode(tmp_path: Path, data_dir: Path) -> None:
