@@ -24,20 +24,20 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from servers import start_server  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -63,52 +63,20 @@ QUICK = Config(overhead_runs=3, overhead_size_px=512, queue_clients=(1, 4, 8, 16
 
 # --- The app as a subprocess ---------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-
-
 class App:
-    """``app.py --demo`` on a loopback port; records the time from spawn to /healthz 200."""
+    """``app.py --demo`` on a loopback port (tests/servers.py starts it); records spawn to /healthz 200."""
 
     def __init__(self, data_dir: Path, work: Path, queue_size: int) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        env = {**os.environ, "ZIMAGE_DATA_DIR": str(data_dir), "ZIMAGE_OUTPUTS_DIR": str(work / "outputs"),
-               "GRADIO_TEMP_DIR": str(work / "gradio"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.log_path = work / "app.log"
-        started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--demo", "--port", str(self.port),
-                                      "--queue-size", str(queue_size)], cwd=ROOT, env=env,
-                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"app exited:\n{self.log_path.read_text()}")
-            try:
-                if _http_get(self.url + "healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.perf_counter() - started > 300:
-                raise RuntimeError("app not ready in 300 s")
-            time.sleep(0.05)
-        self.cold_start_s = time.perf_counter() - started
+        self.server = start_server(work, data_dir, "--queue-size", str(queue_size), timeout=300)
+        self.url = self.server.url
+        self.proc = self.server.proc
+        self.cold_start_s = self.server.ready_s
 
     def metric(self, name: str) -> float | None:
-        _, text = _http_get(self.url + "metrics")
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return None
+        try:
+            return self.server.metric(name)
+        except KeyError:
+            return None
 
     def rss_mb(self) -> float:
         import psutil
@@ -121,11 +89,7 @@ class App:
         return Client(self.url, verbose=False, download_files=str(work / "downloads"))
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.server.stop()
 
 
 # --- Measurements ----------------------------------------------------------------------------------
@@ -250,7 +214,7 @@ def markdown(result: dict) -> str:
         f"| HTTP API (gradio_client) | {o['api_median_s']:.3f} s |",
         f"| ratio API / direct | {o['api_over_direct']:.2f}x (+{o['api_extra_s'] * 1000:.0f} ms) |",
         "",
-        f"| clients | images | images/min | p50 | p95 | busy fraction | failures |",
+        "| clients | images | images/min | p50 | p95 | busy fraction | failures |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["queue"]:

@@ -1,4 +1,7 @@
-"""Start the real app (``python app.py``) on a free loopback port for tests, and stop it with SIGTERM."""
+"""Start the real app (``python app.py``) on a free loopback port, and stop it with SIGTERM.
+
+Used by the server tests and by benchmarks/service_bench.py, so both drive the app the same way.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class Server:
     outputs: Path
     log_path: Path
     health_seen: list
+    ready_s: float | None = None  # spawn to the first /healthz 200
 
     def health(self) -> tuple[int, dict]:
         status, body = get(self.url + "healthz")
@@ -70,6 +74,7 @@ def start_server(tmp: Path, data_dir: Path, *args: str, env: dict | None = None,
     port = free_port()
     outputs = tmp / "outputs"
     log_path = tmp / f"app-{port}.log"
+    started = time.perf_counter()
     environ = {**os.environ, "ZIMAGE_DATA_DIR": str(data_dir), "ZIMAGE_OUTPUTS_DIR": str(outputs),
                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(tmp / "gradio-cache"),
                **(env or {})}
@@ -86,10 +91,11 @@ def start_server(tmp: Path, data_dir: Path, *args: str, env: dict | None = None,
                 status, body = server.health()
                 server.health_seen.append((status, body.get("status")))
                 if status == 200:
+                    server.ready_s = time.perf_counter() - started
                     break
             except (OSError, ValueError):
                 pass
-            time.sleep(0.1)
+            time.sleep(0.05)
         else:
             server.stop()
             raise RuntimeError(f"app not ready in {timeout} s:\n{server.log()}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .storage import OUTPUT_SUFFIXES, PARTIAL_PREFIX, PARTIAL_SUFFIX
+from .storage import PARTIAL_PREFIX, PARTIAL_SUFFIX
 
 #: A partial file this old belongs to a writer that died (a PNG is written in well under a second).
 STALE_PARTIAL_S = 24 * 3600
@@ -98,12 +98,16 @@ def choose_deletions(entries: Sequence[FileEntry], now_s: float, max_age_s: floa
     if max_total_bytes is not None:
         total = sum(entry.size_bytes for entry in survivors)
         # Oldest first; a live partial file is never a quota victim.
-        for entry in sorted((e for e in survivors if not e.is_partial), key=lambda e: (e.mtime_s, str(e.path))):
+        for entry in sorted((e for e in survivors if not e.is_partial), key=_oldest_first):
             if total <= max_total_bytes:
                 break
             deletions.append(entry)
             total -= entry.size_bytes
-    return sorted(deletions, key=lambda e: (e.mtime_s, str(e.path)))
+    return sorted(deletions, key=_oldest_first)
+
+
+def _oldest_first(entry: FileEntry) -> tuple[float, str]:
+    return entry.mtime_s, str(entry.path)
 
 
 def scan(root: Path, suffixes: tuple[str, ...] | None) -> list[FileEntry]:
