@@ -30,6 +30,7 @@ def test_generate_demo_prints_the_saved_path(data_dir: Path, tmp_path: Path) -> 
     assert path.parent == tmp_path and path.is_file()
     assert read_metadata(path)["seed"] == 7 and read_metadata(path)["prompt"] == "一只猫 a cat"
     assert "step  8/8" in done.stderr and "seed 7" in done.stderr
+    assert done.stderr.index("Encoding the prompt") < done.stderr.index("step  8/8") < done.stderr.index("Decoding the image")
 
 
 def test_generate_out_file_and_same_seed_same_bytes_of_pixels(data_dir: Path, tmp_path: Path) -> None:

@@ -148,7 +148,8 @@ def test_real_group_offload_and_fp8_storage_on_cpu(data_dir: Path) -> None:
     assert np.array_equal(_generate(offloaded), reference)  # same math, only placement hooks
 
     fp8 = ZImagePipeline.from_pretrained(folder, dtype=torch.bfloat16)
-    apply_plan(fp8, replace(plan_memory(hypothetical_devices(0), PUBLISHED_SIZES), options=("fp8-storage",)))
+    bf16_cpu = hypothetical_devices(0, cpu_bf16=True)  # fp8 storage computes in bf16
+    apply_plan(fp8, replace(plan_memory(bf16_cpu, PUBLISHED_SIZES), options=("fp8-storage",)))
     weight = fp8.transformer.layers[0].attention.to_q.weight
     assert weight.dtype == torch.float8_e4m3fn  # stored in fp8 ...
     images = _generate(fp8)

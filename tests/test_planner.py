@@ -12,9 +12,10 @@ from zimage.planner import (
     GpuFacts,
     PlanError,
     RequestSize,
+    choose_device,
     choose_dtype,
+    cpu_has_native_bf16,
     hypothetical_devices,
-    leaner_plans,
     plan_memory,
     predict_peak_bytes,
     safe_dtype_after_nan,
@@ -158,7 +159,8 @@ def test_dtype_choice() -> None:
                          ram_available_bytes=0)
     assert choose_dtype("auto", "cuda:0", ampere) == "bf16"
     assert choose_dtype("auto", "cuda:0", turing) == "fp16"
-    assert choose_dtype("auto", "cpu", hypothetical_devices(0)) == "bf16"
+    assert choose_dtype("auto", "cpu", hypothetical_devices(0, cpu_bf16=True)) == "bf16"
+    assert choose_dtype("auto", "cpu", hypothetical_devices(0)) == "fp32"  # bf16 support unknown: fp32
     assert choose_dtype("fp32", "cuda:0", ampere) == "fp32"
     assert safe_dtype_after_nan("fp16", "cuda:0", ampere) == "bf16"
     assert safe_dtype_after_nan("fp16", "cuda:0", turing) == "fp32"
@@ -177,31 +179,58 @@ def test_ram_shortage_is_warned() -> None:
     assert any("RAM" in w for w in plan.warnings)
 
 
-def test_ladder_from_full_goes_tiling_then_leaner_profiles() -> None:
-    plan = plan_memory(hypothetical_devices(80), PUBLISHED_SIZES)
-    steps = leaner_plans(plan, PUBLISHED_SIZES)
-    assert [s.describe().split(" on ")[0] for s, _ in steps] == [
-        "full + vae-tiling",
-        "model-offload + vae-tiling",
-        "model-offload + fp8-storage + vae-tiling",
-        "group-offload + fp8-storage + vae-tiling",
-        "sequential-offload + fp8-storage + vae-tiling",
-    ]
-    assert steps[0][1] == "turned on VAE tiling"
-    peaks = [s.predicted_peak_bytes for s, _ in steps]
-    assert peaks[1:] == sorted(peaks[1:], reverse=True)
-
-
-def test_ladder_without_fp8_and_on_cpu() -> None:
-    plan = plan_memory(hypothetical_devices(16), PUBLISHED_SIZES, auto_fp8=False)
-    names = [s.profile for s, _ in leaner_plans(plan, PUBLISHED_SIZES, auto_fp8=False)]
-    assert names == ["model-offload", "group-offload", "sequential-offload"]
-    assert all("fp8-storage" not in s.options for s, _ in leaner_plans(plan, PUBLISHED_SIZES, auto_fp8=False))
-    cpu = plan_memory(hypothetical_devices(0), PUBLISHED_SIZES)
-    assert [w for _, w in leaner_plans(cpu, PUBLISHED_SIZES)] == ["turned on VAE tiling"]
-
-
 def test_plan_json_shape() -> None:
     data = plan_memory(hypothetical_devices(16), PUBLISHED_SIZES).to_json()
     assert {"profile", "options", "predicted_peak_bytes", "reason"} <= set(data)
     assert isinstance(data["options"], list) and isinstance(data["predicted_peak_bytes"], int)
+
+
+# Flags as /proc/cpuinfo lists them (abridged).
+ZEN3_FLAGS = frozenset("fpu sse2 avx avx2 fma bmi2 sha_ni".split())  # no bf16 instructions
+SKYLAKE_X_FLAGS = frozenset("avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni".split())  # AVX-512 without BF16
+ZEN4_FLAGS = frozenset("avx2 avx512f avx512_bf16 avx512_vnni".split())
+SAPPHIRE_RAPIDS_FLAGS = frozenset("avx512f avx512_bf16 amx_bf16 amx_tile amx_int8".split())
+AMX_ONLY_FLAGS = frozenset("avx2 amx_bf16".split())
+NEOVERSE_V1_FEATURES = frozenset("fp asimd sve bf16 i8mm".split())  # aarch64 "Features" line
+NEOVERSE_N1_FEATURES = frozenset("fp asimd aes sha1 crc32 atomics".split())
+
+
+@pytest.mark.parametrize(("flags", "native", "dtype"), [
+    (ZEN3_FLAGS, False, "fp32"),
+    (SKYLAKE_X_FLAGS, False, "fp32"),
+    (ZEN4_FLAGS, True, "bf16"),
+    (SAPPHIRE_RAPIDS_FLAGS, True, "bf16"),
+    (AMX_ONLY_FLAGS, True, "bf16"),
+    (NEOVERSE_V1_FEATURES, True, "bf16"),
+    (NEOVERSE_N1_FEATURES, False, "fp32"),
+    (frozenset({"AVX512_BF16"}), True, "bf16"),  # case does not matter
+    (frozenset(), False, "fp32"),  # flags unknown (no /proc): fp32
+])
+def test_cpu_flags_decide_the_auto_dtype_on_the_cpu(flags: frozenset, native: bool, dtype: str) -> None:
+    assert cpu_has_native_bf16(flags) is native
+    machine = hypothetical_devices(0, cpu_bf16=cpu_has_native_bf16(flags))
+    assert choose_dtype("auto", "cpu", machine) == dtype
+    plan = plan_memory(machine, PUBLISHED_SIZES)
+    assert (plan.profile, plan.dtype) == ("cpu", dtype)
+    # An explicit choice is kept either way (the user may know better, e.g. to compare).
+    assert choose_dtype("bf16", "cpu", machine) == "bf16" and choose_dtype("fp32", "cpu", machine) == "fp32"
+
+
+def test_cpu_bf16_does_not_change_the_gpu_choice() -> None:
+    assert plan_memory(hypothetical_devices(24, cpu_bf16=False), PUBLISHED_SIZES).dtype == "bf16"
+    turing = DeviceFacts(gpus=(GpuFacts(0, "T4", 16 * GIB, 15 * GIB, supports_bf16=False),), ram_total_bytes=0,
+                         ram_available_bytes=0, cpu_bf16=True)
+    assert plan_memory(turing, PUBLISHED_SIZES).dtype == "fp16"
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_fp16_on_the_cpu_is_refused_once_the_device_is_resolved(cpu_bf16: bool) -> None:
+    no_gpu = hypothetical_devices(0, cpu_bf16=cpu_bf16)
+    assert choose_device("auto", no_gpu) == "cpu"
+    with pytest.raises(PlanError, match=r"--dtype fp16 would run on the CPU \(this machine has no CUDA GPU\)"
+                                        r".*use --dtype auto.*bf16 or fp32"):
+        plan_memory(no_gpu, PUBLISHED_SIZES, dtype="fp16", device="auto")
+    with pytest.raises(PlanError, match=r"--dtype fp16.*--device cpu was asked for"):
+        choose_dtype("fp16", "cpu", hypothetical_devices(24, cpu_bf16=cpu_bf16))
+    # With a GPU, --device auto resolves to it and fp16 is allowed there.
+    assert plan_memory(hypothetical_devices(24), PUBLISHED_SIZES, dtype="fp16", device="auto").dtype == "fp16"

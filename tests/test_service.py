@@ -1,7 +1,8 @@
-"""The generation service on the demo model: validation, determinism, progress, OOM and NaN recovery."""
+"""The generation service on the demo model: validation, determinism, jobs, cancel, OOM and NaN recovery."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import replace
@@ -11,15 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from fakes import WrappedPipeline, nan_output, oom
+from fakes import WrappedPipeline, oom, wrap_vae
 from zimage.errors import (
     GenerationCancelled,
     NaNOutputError,
     OutOfMemoryAfterRetries,
+    QueueFull,
+    RequestTooLarge,
+    ServiceFailed,
     ServiceNotReady,
     ValidationError,
+    ZImageError,
 )
-from zimage.planner import hypothetical_devices
+from zimage.planner import MIB, DeviceFacts, GpuFacts, hypothetical_devices
 from zimage.service import (
     DEFAULT_STEPS,
     MAX_PROMPT_TOKENS,
@@ -43,25 +48,42 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
 # --- Validation ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"prompt": "   "}, "prompt is empty"),
+        ({"prompt": 123}, "prompt=123 must be text"),
+        ({"prompt": None}, "prompt=None must be text"),
         ({"prompt": "x" * 4001}, "prompt is 4001 characters long: the limit is 4000"),
         ({"width": 1000}, "width=1000 is not a multiple of 16: use 992 or 1008"),
         ({"height": 100}, "height=100 is out of range: use 256 to 2048 pixels"),
         ({"width": 4096}, "width=4096 is out of range: use 256 to 2048 pixels"),
         ({"width": 512.0}, "width=512.0 must be a whole number of pixels"),
-        ({"steps": 0}, "steps=0 is out of range: use 1 to 50 (Turbo's default is 8)"),
+        ({"width": 256.5}, "width=256.5 must be a whole number of pixels"),
+        ({"height": "512"}, "height='512' must be a whole number of pixels"),
+        ({"width": True}, "width=True must be a whole number of pixels"),
+        ({"steps": 0}, "steps=0 is out of range: use a whole number from 1 to 50 (Turbo's default is 8)"),
         ({"steps": 51}, "steps=51 is out of range"),
+        ({"steps": True}, "steps=True is out of range: use a whole number"),
+        ({"steps": 8.5}, "steps=8.5 is out of range: use a whole number"),
         ({"guidance_scale": -1.0}, "guidance_scale=-1.0 is out of range: use 0 to 10"),
         ({"guidance_scale": 11}, "guidance_scale=11 is out of range"),
-        ({"num_images": 0}, "num_images=0 is out of range: use 1 to 4"),
-        ({"num_images": 5}, "num_images=5 is out of range: use 1 to 4"),
-        ({"seed": -1}, "seed=-1 is out of range: use 0 to 4294967295"),
+        ({"guidance_scale": False}, "guidance_scale=False is out of range"),
+        ({"num_images": 0}, "num_images=0 is out of range: use a whole number from 1 to 4"),
+        ({"num_images": 5}, "num_images=5 is out of range"),
+        ({"num_images": True}, "num_images=True is out of range"),
+        ({"seed": -1}, "seed=-1 is out of range: use a whole number from 0 to 4294967295"),
         ({"seed": 2**32}, "seed=4294967296 is out of range"),
+        ({"seed": 1.5}, "seed=1.5 is out of range"),
         ({"seed": 2**32 - 1, "num_images": 2}, "runs past 4294967295"),
     ],
 )
@@ -80,6 +102,13 @@ def test_validation_trims_and_fills_defaults() -> None:
     assert len(drawn) > 1 and all(0 <= s < 2**32 for s in drawn)
 
 
+def test_invalid_requests_are_counted_and_never_queued(shared_service: GenerationService) -> None:
+    before = shared_service.stats().outcomes["invalid"]
+    with pytest.raises(ValidationError):
+        shared_service.submit(request(width=256.5))
+    assert shared_service.stats().outcomes["invalid"] == before + 1 and len(shared_service.queue) == 0
+
+
 # --- Generation on the demo model ---------------------------------------------------------------
 
 def test_generates_pngs_of_the_requested_size_with_metadata(shared_service: GenerationService) -> None:
@@ -92,7 +121,7 @@ def test_generates_pngs_of_the_requested_size_with_metadata(shared_service: Gene
     assert meta["prompt"] == "一只猫 a cat"  # UTF-8 survives the round trip
     assert {k: meta[k] for k in ("seed", "steps", "width", "height", "guidance_scale")} == \
         {"seed": 7, "steps": 2, "width": 320, "height": 256, "guidance_scale": 0.0}
-    assert meta["model"] == "demo (random weights)" and meta["profile"] == "cpu (bf16)"
+    assert meta["model"] == "demo (random weights)" and meta["profile"] == shared_service.plan.describe()
     assert meta["version"] and meta["request_id"] == result.request_id
     assert result.info()["seed"] == 7 and result.timings["generate_s"] > 0
 
@@ -124,10 +153,12 @@ def test_random_seed_is_returned_and_reproduces(shared_service: GenerationServic
     assert np.array_equal(pixels(result.paths[0]), pixels(again.paths[0]))
 
 
-def test_progress_is_reported_per_step(shared_service: GenerationService) -> None:
-    seen: list[tuple[int, int]] = []
-    shared_service.generate(request(steps=5), on_progress=lambda step, total: seen.append((step, total)))
-    assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+def test_progress_goes_through_every_stage_in_order(shared_service: GenerationService) -> None:
+    seen: list[str] = []
+    shared_service.generate(request(steps=3), on_progress=lambda p: seen.append(p.describe()))
+    distinct = [text for i, text in enumerate(seen) if i == 0 or seen[i - 1] != text]
+    assert distinct == ["Queued: position 1 of 1", "Encoding the prompt", "Denoising step 0/3", "Denoising step 1/3", "Denoising step 2/3",
+                        "Denoising step 3/3", "Decoding the image", "Saving", "Done"]
 
 
 def test_long_prompt_is_truncated_with_a_warning(shared_service: GenerationService) -> None:
@@ -138,114 +169,160 @@ def test_long_prompt_is_truncated_with_a_warning(shared_service: GenerationServi
     assert shared_service.generate(request("a short prompt")).warnings == ()
 
 
-def test_cancel_stops_the_job_and_the_next_one_runs(shared_service: GenerationService) -> None:
-    cancel = threading.Event()
-    steps: list[int] = []
+# --- Jobs: queue, cancel -----------------------------------------------------------------------------
 
-    def progress(step: int, total: int) -> None:
-        steps.append(step)
-        cancel.set()
+def hold_the_gpu(service: GenerationService):
+    """Start a long job and wait until it denoises; returns the job (cancel it to free the GPU)."""
+    job = service.submit(request("a long job", width=1024, height=1024, steps=50, seed=1))
+    wait_for(lambda: job.progress.step >= 1)
+    return job
 
-    before = shared_service.stats().jobs_cancelled
+
+def test_cancel_stops_within_a_step_and_never_decodes(shared_service: GenerationService, monkeypatch) -> None:
+    decodes = []
+    real_decode = shared_service._pipe.vae.decode
+    monkeypatch.setattr(shared_service._pipe.vae, "decode", lambda *a, **k: decodes.append(1) or real_decode(*a, **k))
+    before = shared_service.stats().outcomes["cancelled"]
+    job = hold_the_gpu(shared_service)
+    step_at_cancel = job.progress.step
+    job.cancel()
     with pytest.raises(GenerationCancelled):
-        shared_service.generate(request(steps=8), on_progress=progress, cancel=cancel)
-    assert steps == [1]  # the pipeline skipped the remaining steps
-    assert shared_service.stats().jobs_cancelled == before + 1
-    assert shared_service.generate(request(seed=1)).paths
+        job.result(60)
+    wait_for(lambda: not shared_service.busy, 60)
+    assert job.progress.state == "cancelled" and job.progress.step <= step_at_cancel + 1
+    assert decodes == []  # no VAE decode after a cancel
+    assert shared_service.stats().outcomes["cancelled"] == before + 1
+    assert shared_service.generate(request(seed=1)).paths and decodes == [1]
+
+
+def test_a_queued_job_that_is_cancelled_never_starts(shared_service: GenerationService) -> None:
+    running = hold_the_gpu(shared_service)
+    cancelled_before = shared_service.stats().outcomes["cancelled"]
+    queued = shared_service.submit(request("waits", seed=2))
+    states: list[str] = []
+    queued.add_listener(lambda j: states.append(j.progress.state))
+    assert queued.progress.position == 1 and queued.progress.describe() == "Queued: position 1 of 1"
+    assert shared_service.queue_depth() == 2
+    queued.cancel()
+    assert queued.done and queued.progress.state == "cancelled"  # at once, while the other job still runs
+    assert running.progress.state == "running"
+    assert shared_service.stats().outcomes["cancelled"] == cancelled_before + 1  # counted and logged at once
+    running.cancel()
+    wait_for(lambda: not shared_service.busy)
+    assert "running" not in states and len(shared_service.queue) == 0
+
+
+def test_cancelling_one_job_leaves_the_others_alone(shared_service: GenerationService) -> None:
+    first = shared_service.submit(request("first", width=512, height=512, steps=8, seed=11))
+    second = shared_service.submit(request("second", width=512, height=512, steps=8, seed=12))
+    second.cancel()
+    assert first.result(120).seed == 11 and second.progress.state == "cancelled"
+
+
+def test_the_queue_bound_refuses_with_retry_after(demo_settings) -> None:
+    service = GenerationService(replace(demo_settings, queue_size=1))
+    service.load()
+    running = hold_the_gpu(service)
+    waiting = service.submit(request(seed=2))
+    with pytest.raises(QueueFull) as info:
+        service.submit(request(seed=3))
+    assert "queue is full" in str(info.value).lower() and info.value.retry_after_s > 0
+    assert service.stats().outcomes["busy"] == 1
+    running.cancel()
+    assert waiting.result(60).seed == 2  # accepted jobs are never lost
 
 
 def test_one_job_at_a_time(shared_service: GenerationService) -> None:
-    running = []
-    overlap = []
+    running: list[str] = []
+    overlap: list[str] = []
 
-    def progress(step: int, total: int) -> None:
-        running.append(threading.get_ident())
-        if shared_service.busy is False:
-            overlap.append("not marked busy")
+    def progress(p) -> None:
+        if p.stage == "denoising" and p.step:
+            running.append(threading.current_thread().name + str(p.total))
+            if not shared_service.busy:
+                overlap.append("not marked busy")
 
-    threads = [threading.Thread(target=shared_service.generate, args=(request(seed=i),),
-                                kwargs={"on_progress": progress}) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    # Steps of one job are never interleaved with another's: the thread ids come in runs of 2.
-    runs = [running[i:i + 2] for i in range(0, len(running), 2)]
-    assert len(runs) == 3 and all(len(set(r)) == 1 for r in runs)
+    holder = hold_the_gpu(shared_service)  # the three jobs below wait, with their listeners in place
+    jobs = [shared_service.submit(request(seed=i, steps=2 + i), on_progress=progress) for i in range(3)]
+    holder.cancel()
+    for job in jobs:
+        job.result(60)
+    # All steps ran on the one GPU worker, job after job: 2 steps of the first, then 3, then 4.
+    assert running == ["zimage-gpu2"] * 2 + ["zimage-gpu3"] * 3 + ["zimage-gpu4"] * 4
     assert not overlap
 
 
-def test_saving_happens_outside_the_lock_so_the_next_job_starts(demo_settings) -> None:
+def test_saving_happens_off_the_gpu_so_the_next_job_starts(demo_settings) -> None:
     from zimage.storage import OutputStore
 
     events: list[str] = []
 
     class SlowStore(OutputStore):
-        def save(self, image, request_id, index, metadata):
-            events.append(f"save start {metadata['seed']}")
+        def save_all(self, images, request_id, metadata):
+            events.append(f"save start {metadata[0]['seed']}")
             time.sleep(0.5)
-            path = super().save(image, request_id, index, metadata)
-            events.append(f"save end {metadata['seed']}")
-            return path
+            paths = super().save_all(images, request_id, metadata)
+            events.append(f"save end {metadata[0]['seed']}")
+            return paths
 
     service = GenerationService(demo_settings, store=SlowStore(demo_settings.outputs_dir))
     service.load()
-
-    def job(seed: int) -> None:
-        service.generate(request(seed=seed, steps=2),
-                         on_progress=lambda step, total: events.append(f"step {seed}") if step == 1 else None)
-
-    first = threading.Thread(target=job, args=(1,))
-    first.start()
-    while "step 1" not in events:
-        time.sleep(0.01)
-    second = threading.Thread(target=job, args=(2,))
-    second.start()
-    first.join(60)
-    second.join(60)
+    holder = hold_the_gpu(service)
+    jobs = [service.submit(request(seed=seed, steps=2),
+                           on_progress=lambda p, s=seed: events.append(f"step {s}") if p.step == 1 and
+                           f"step {s}" not in events else None) for seed in (1, 2)]
+    holder.cancel()
+    for job in jobs:
+        job.result(60)
     # The second job denoised while the first was still being written.
     assert events.index("step 2") < events.index("save end 1"), events
     assert service.wait_idle(1) and not service.busy
 
 
+def test_a_full_disk_fails_the_job_with_a_readable_error_and_leaves_no_file(demo_settings, monkeypatch) -> None:
+    import errno
+
+    service = GenerationService(demo_settings)
+    service.load()
+    real_fsync = __import__("os").fsync
+    written = []
+
+    def full_after_one(fd: int) -> None:
+        written.append(fd)
+        if len(written) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr("os.fsync", full_after_one)
+    with pytest.raises(ZImageError) as info:
+        service.generate(request(seed=3, num_images=2))
+    assert "full" in str(info.value) and str(demo_settings.outputs_dir) in str(info.value)
+    assert "Traceback" not in str(info.value) and service.stats().outcomes["failed"] == 1
+    assert not any(demo_settings.outputs_dir.iterdir())  # all images of a request or none
+    monkeypatch.setattr("os.fsync", real_fsync)
+    assert len(service.generate(request(seed=3, num_images=2)).paths) == 2
+
+
 def test_not_ready_and_shutdown_refuse_jobs(demo_settings) -> None:
     service = GenerationService(demo_settings)
     with pytest.raises(ServiceNotReady, match="still loading"):
-        service.generate(request())
+        service.submit(request())
     service.load()
     service.begin_shutdown()
     with pytest.raises(ServiceNotReady, match="shutting down"):
-        service.generate(request())
+        service.submit(request())
+    assert service.stats().outcomes["not_ready"] == 2
 
 
-def test_a_job_waiting_for_the_gpu_when_shutdown_begins_is_refused(demo_settings) -> None:
+def test_shutdown_cancels_waiting_jobs_and_bounds_the_running_one(demo_settings) -> None:
     service = GenerationService(demo_settings)
     service.load()
-    started, outcome = threading.Event(), []
-
-    def first_progress(step: int, total: int) -> None:
-        started.set()
-        time.sleep(0.2)
-
-    def second() -> None:
-        try:
-            service.generate(request(seed=2))
-            outcome.append("ran")
-        except ServiceNotReady as exc:
-            outcome.append(str(exc))
-
-    first = threading.Thread(target=service.generate, args=(request(seed=1, steps=4),),
-                             kwargs={"on_progress": first_progress})
-    first.start()
-    started.wait(30)
-    waiting = threading.Thread(target=second)
-    waiting.start()
-    time.sleep(0.1)  # the second job is now blocked on the GPU lock
+    running = hold_the_gpu(service)
+    waiting = service.submit(request(seed=2))
     service.begin_shutdown()
-    first.join(60)
-    waiting.join(60)
-    assert outcome == ["The service is shutting down: try again in a moment."]
-    assert service.wait_idle(1)
+    assert waiting.progress.state == "cancelled"  # never starts
+    assert service.wait_idle(0.2)  # 50 steps at 1024x1024 outlast 0.2 s: cancelled, then idle
+    assert running.progress.state == "cancelled" and running.cancel_reason == "shutdown"
 
 
 def test_failed_load_is_reported(tmp_path: Path) -> None:
@@ -257,82 +334,194 @@ def test_failed_load_is_reported(tmp_path: Path) -> None:
         service.load()
     assert service.state == "failed"
     with pytest.raises(ServiceNotReady, match="failed to load: Model"):
-        service.generate(request())
+        service.submit(request())
 
 
 # --- Out-of-memory recovery ---------------------------------------------------------------------
 
 class Behaviour:
-    """Fail the first ``failures`` calls with an OOM, then run the real pipeline."""
+    """Fail the next ``failures`` denoising calls with ``error``, then run the real pipeline."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, error: BaseException | None = None) -> None:
         self.failures = failures
+        self.error = error
 
     def __call__(self, wrapper: WrappedPipeline, kwargs: dict):
         if self.failures > 0:
             self.failures -= 1
-            raise oom()
+            raise self.error if self.error is not None else oom()
         return wrapper._pipe(**kwargs)
 
 
-def make_service(settings, behaviour, devices=None) -> tuple[GenerationService, list]:
+def make_service(settings, behaviour, devices=None, fail_loads=()) -> tuple[GenerationService, list]:
+    """A service whose pipeline is the real tiny one on the CPU, pretending to be placed as planned.
+
+    ``fail_loads``: profiles whose (re)load raises MemoryError, as a failed reload would.
+    """
     from diffusers import ZImagePipeline
 
     plans: list = []
+    fatal: list[str] = []
 
     def factory(source, plan):
         plans.append(plan)
-        # The real tiny pipeline on the CPU; only the GPU it was planned for is pretended.
+        if plan.profile in fail_loads and len(plans) > 1:
+            raise MemoryError("cannot allocate 12 GiB for the weights")
         return WrappedPipeline(ZImagePipeline.from_pretrained(source.pretrained, dtype=torch.bfloat16), behaviour)
 
-    service = GenerationService(settings, devices=devices, pipeline_factory=factory)
+    service = GenerationService(settings, devices=devices, pipeline_factory=factory, on_fatal=fatal.append)
     service.load()
+    service.fatal = fatal
     return service, plans
 
 
-def test_oom_once_recovers_with_vae_tiling_on_cpu(demo_settings) -> None:
-    service, plans = make_service(demo_settings, Behaviour(failures=1))
-    result = service.generate(request(seed=3))
-    assert result.recoveries == ("out of memory: turned on VAE tiling (cpu + vae-tiling (bf16))",)
-    assert service.plan.options == ("vae-tiling",) and len(plans) == 1  # switched in place
-    assert service._pipe.vae.use_tiling
-    assert service.stats().oom_recoveries == 1 and service.stats().jobs_succeeded == 1
+BIG = dict(width=1024, height=1024, num_images=2, steps=2)  # above the 1024x1024 x1 the base was planned for
 
 
-def test_oom_steps_down_gpu_profiles_by_reloading(demo_settings) -> None:
-    service, plans = make_service(demo_settings, Behaviour(failures=2), devices=hypothetical_devices(80))
-    assert plans[0].profile == "full"
-    result = service.generate(request(seed=3))
-    assert [r.split(" (")[0] for r in result.recoveries] == [
-        "out of memory: turned on VAE tiling", "out of memory: stepped down to model-offload"]
+def test_oom_in_the_denoise_steps_down_for_that_request_only(demo_settings) -> None:
+    behaviour = Behaviour(failures=0)
+    service, plans = make_service(demo_settings, behaviour, devices=hypothetical_devices(80))
+    assert service.base_plan.profile == "full"
+    before = service.generate(request(seed=3, **BIG))
+    behaviour.failures = 1
+    recovered = service.generate(request(seed=3, **BIG))
+    assert recovered.recoveries == ("out of memory in the denoise: stepped down to model-offload "
+                                    "(model-offload on cuda:0 (bf16))",)
+    assert read_metadata(recovered.paths[0])["profile"] == "model-offload on cuda:0 (bf16)"
+    after = service.generate(request(seed=3, **BIG))
+    assert [p.profile for p in plans] == ["full", "model-offload", "full"]  # back to the base placement
+    assert service.base_plan.profile == "full" and after.plan.profile == "full" and after.recoveries == ()
+    assert np.array_equal(pixels(before.paths[0]), pixels(after.paths[0]))  # the same seed, the same image
+    assert service.stats().oom_recoveries == 1
+
+
+def test_oom_at_the_planned_size_on_the_base_replans_the_base(demo_settings, caplog) -> None:
+    service, plans = make_service(demo_settings, Behaviour(failures=1), devices=hypothetical_devices(80))
+    with caplog.at_level(logging.WARNING, logger="zimage.service"):
+        service.generate(request(seed=3))
+    assert service.base_plan.profile == "model-offload"
+    assert "re-planning the base placement to model-offload" in caplog.text
+    service.generate(request(seed=4))
+    assert [p.profile for p in plans] == ["full", "model-offload"]  # no reload back: the card has less room
+
+
+def test_oom_in_the_decode_retries_the_decode_with_tiling_for_that_request(demo_settings) -> None:
+    service, _ = make_service(demo_settings, Behaviour(failures=0), devices=hypothetical_devices(80))
+    failures = {"left": 0}
+
+    def decode_fails_once(vae) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    vae = wrap_vae(service._pipe, decode_fails_once)
+    before = service.generate(request(seed=5, **BIG))
+    failures["left"] = 1
+    recovered = service.generate(request(seed=5, **BIG))
+    assert recovered.recoveries == ("out of memory in the decode: turned on VAE tiling "
+                                    "(full + vae-tiling on cuda:0 (bf16))",)
+    assert service._pipe.calls == 2 and vae.decodes == 3  # denoised once per request, decoded again
+    after = service.generate(request(seed=5, **BIG))
+    assert not vae.use_tiling and after.plan.options == () and service.base_plan.options == ()
+    assert np.array_equal(pixels(before.paths[0]), pixels(after.paths[0]))
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+], ids=["torch-oom", "cuda-error", "cublas", "cudnn", "host-ram", "memoryerror"])
+def test_every_form_of_out_of_memory_enters_the_ladder(demo_settings, error) -> None:
+    service, plans = make_service(demo_settings, Behaviour(failures=1, error=error), devices=hypothetical_devices(80))
+    result = service.generate(request(seed=3, **BIG))
     assert [p.profile for p in plans] == ["full", "model-offload"]
-    assert plans[1].options == ("vae-tiling",)
-    assert result.plan.profile == "model-offload" and read_metadata(result.paths[0])["profile"].startswith(
-        "model-offload + vae-tiling")
+    assert result.recoveries[0].startswith("out of memory in the denoise: stepped down to model-offload")
 
 
-def test_oom_every_time_ends_in_a_clear_error_and_the_service_survives(demo_settings) -> None:
+def test_fp8_is_never_entered_unless_the_operator_allowed_it(demo_settings) -> None:
     behaviour = Behaviour(failures=10**6)
-    service, _ = make_service(demo_settings, behaviour, devices=hypothetical_devices(80))
+    service, plans = make_service(demo_settings, behaviour, devices=hypothetical_devices(80))
     with pytest.raises(OutOfMemoryAfterRetries) as info:
-        service.generate(request())
+        service.generate(request(**BIG))
     message = str(info.value)
     assert "Out of GPU memory even with the leanest placement (sequential-offload" in message
     assert "smaller size" in message and "still running" in message
-    assert service.stats().jobs_failed == 1 and service.stats().oom_recoveries == 5
+    assert [p.profile for p in plans] == ["full", "model-offload", "group-offload", "sequential-offload"]
+    assert not any("fp8-storage" in p.options for p in plans)
+    assert service.stats().outcomes["failed"] == 1 and service.stats().oom_recoveries == 3
     behaviour.failures = 0
-    assert service.generate(request(seed=5)).paths  # the next request succeeds
+    assert service.generate(request(seed=5, **BIG)).plan.profile == "full"  # the next request: base again
     assert service.state == "ready"
 
+    allowed, plans = make_service(replace(demo_settings, recovery_fp8=True), Behaviour(failures=2),
+                                  devices=hypothetical_devices(80))
+    assert allowed.generate(request(**BIG)).plan.options == ("fp8-storage",)
+    assert [(p.profile, p.options) for p in plans][-1] == ("model-offload", ("fp8-storage",))
 
-def test_non_oom_errors_are_not_retried(demo_settings) -> None:
+
+def test_a_request_that_fits_no_placement_is_refused_before_it_runs(demo_settings) -> None:
+    # A GPU with 800 MiB usable: the demo model at 1024x1024 fits on "full"; 2048x2048 x4 fits nothing.
+    reserve = demo_settings.reserve_mb * MIB
+    small_gpu = DeviceFacts(gpus=(GpuFacts(0, "small GPU", 2048 * MIB, 800 * MIB + reserve),),
+                            ram_total_bytes=64 * 1024 * MIB, ram_available_bytes=64 * 1024 * MIB)
+    service, plans = make_service(demo_settings, Behaviour(failures=0), devices=small_gpu)
+    before = service.generate(request(seed=9, width=1024, height=1024))
+    with pytest.raises(RequestTooLarge) as info:
+        service.submit(request(seed=9, width=2048, height=2048, num_images=4))
+    message = str(info.value)
+    assert "2048x2048 with 4 image(s) does not fit this GPU" in message and "The largest that fits is" in message
+    assert service._pipe.calls == 1  # it never ran
+    after = service.generate(request(seed=9, width=1024, height=1024))
+    assert [p.profile for p in plans] == ["full"] and after.plan == before.plan
+    assert np.array_equal(pixels(before.paths[0]), pixels(after.paths[0]))
+    # One that fits only with tiling gets tiling for that request alone.
+    tiled = service.generate(request(seed=9, width=1536, height=1536, steps=1))
+    assert tiled.plan.options == ("vae-tiling",) and "runs with VAE tiling" in tiled.warnings[0]
+    untiled = service.generate(request(seed=9))
+    assert untiled.plan.options == () and not service._pipe.vae.use_tiling and service.base_plan.options == ()
+
+
+def test_non_oom_errors_are_not_retried_and_say_internal_error(demo_settings) -> None:
     def broken(wrapper, kwargs):
         raise RuntimeError("something else")
 
     service, plans = make_service(demo_settings, broken)
-    with pytest.raises(RuntimeError, match="something else"):
+    with pytest.raises(ZImageError, match=r"Internal error \(request [0-9a-f]+\)"):
         service.generate(request())
-    assert len(plans) == 1 and service.stats().oom_recoveries == 0
+    assert len(plans) == 1 and service.stats().oom_recoveries == 0 and service.state == "ready"
+
+
+def test_a_failed_reload_falls_back_to_the_leanest_placement_once(demo_settings) -> None:
+    service, plans = make_service(demo_settings, Behaviour(failures=1), devices=hypothetical_devices(80),
+                                  fail_loads=("model-offload",))
+    with pytest.raises(ServiceFailed, match="now runs on sequential-offload"):
+        service.generate(request(**BIG))
+    assert [p.profile for p in plans] == ["full", "model-offload", "sequential-offload"]
+    assert service.state == "ready" and service.base_plan.profile == "sequential-offload" and not service.fatal
+    assert service.generate(request(seed=2)).paths
+
+
+def test_a_reload_that_cannot_recover_fails_the_service_for_a_restart(demo_settings) -> None:
+    service, plans = make_service(demo_settings, Behaviour(failures=1), devices=hypothetical_devices(80),
+                                  fail_loads=("model-offload", "sequential-offload"))
+    with pytest.raises(ServiceFailed, match="restarts itself"):
+        service.generate(request(**BIG))
+    assert service.state == "failed" and "MemoryError" in service.load_error
+    assert len(service.fatal) == 1 and "reloading the pipeline for model-offload" in service.fatal[0]
+    with pytest.raises(ServiceNotReady):
+        service.submit(request())
+
+
+def test_a_cuda_error_that_breaks_the_context_asks_for_a_restart(demo_settings) -> None:
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    service, _ = make_service(demo_settings, Behaviour(failures=1, error=error), devices=hypothetical_devices(80))
+    with pytest.raises(ServiceFailed, match="unusable until the process restarts"):
+        service.generate(request())
+    assert service.state == "failed" and service.fatal
 
 
 # --- NaN (black image) detection -----------------------------------------------------------------
@@ -340,7 +529,7 @@ def test_non_oom_errors_are_not_retried(demo_settings) -> None:
 def test_nan_in_fp16_is_retried_in_a_safe_dtype(demo_settings) -> None:
     def nan_in_fp16(wrapper, kwargs):
         if wrapper._pipe.transformer.dtype == torch.float16:
-            return nan_output(kwargs)
+            return nan_latents(wrapper, kwargs)
         return wrapper._pipe(**kwargs)
 
     from diffusers import ZImagePipeline
@@ -364,9 +553,16 @@ def test_nan_in_fp16_is_retried_in_a_safe_dtype(demo_settings) -> None:
     assert service.stats().nan_retries == 1
 
 
+def nan_latents(wrapper, kwargs):
+    """The pipeline's latent output, all NaN (what fp16 overflow gives)."""
+    output = wrapper._pipe(**kwargs)
+    output.images = torch.full_like(output.images, float("nan"))
+    return output
+
+
 def test_nan_without_a_safer_dtype_is_an_error_not_a_black_image(demo_settings) -> None:
-    service, _ = make_service(demo_settings, lambda wrapper, kwargs: nan_output(kwargs))
+    service, _ = make_service(replace(demo_settings, dtype="bf16"), nan_latents)
     outputs = demo_settings.outputs_dir
-    with pytest.raises(NaNOutputError, match="NaN \\(black\\) in bf16"):
+    with pytest.raises(NaNOutputError, match=r"NaN \(black\) in bf16"):
         service.generate(request())
     assert not outputs.exists() or not any(outputs.iterdir())

@@ -7,6 +7,7 @@ the developer has running from the checkout is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,9 +85,9 @@ def make_tree(tmp: Path) -> Path:
     return tree
 
 
-@pytest.fixture(scope="module")
-def supervised(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    tree = make_tree(tmp_path_factory.mktemp("supervisor"))
+@contextlib.contextmanager
+def supervisord_in(tree: Path, data_dir: Path):
+    """supervisord started the README's way from the root of ``tree`` on a free port; shut down afterwards."""
     env = {**os.environ, "ZIMAGE_PORT": str(free_port()), "ZIMAGE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
     env.pop("ZIMAGE_DEMO", None)
     # Exactly the README's command, from the root of the tree; supervisord daemonizes.
@@ -103,6 +105,12 @@ def supervised(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             time.sleep(0.2)
         if pid_file.exists():  # never leave a supervisord behind
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def supervised(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    with supervisord_in(make_tree(tmp_path_factory.mktemp("supervisor")), data_dir) as sup:
+        yield sup
 
 
 def test_runs_as_documented_with_demo_default_and_env_port(supervised: Supervised) -> None:
@@ -159,6 +167,48 @@ def test_stop_during_a_generation_lets_it_finish_and_exits_0(supervised: Supervi
     supervised.wait_healthy()
 
 
+def test_a_service_that_loses_its_model_exits_and_supervisor_restarts_it(data_dir: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """tests/faulty_app.py: the first request runs out of memory, the reload it needs fails and so does the
+    fallback. /healthz turns 503, the process exits 1, and Supervisor starts a fresh one."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    tree = make_tree(tmp_path)
+    (tree / "app.py").unlink()
+    (tree / "app.py").write_text("import runpy\n"
+                                 f"runpy.run_path({str(ROOT / 'tests' / 'faulty_app.py')!r}, run_name='__main__')\n")
+    with supervisord_in(tree, data_dir) as sup:
+        sup.wait_healthy(running=False)
+        first = sup.pid()
+        health: list[int] = []
+        stop = threading.Event()
+
+        def watch_health() -> None:
+            while not stop.is_set():
+                try:
+                    health.append(get(sup.url + "healthz", timeout=2)[0])
+                except OSError:
+                    health.append(0)
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch_health, daemon=True)
+        watcher.start()
+        with pytest.raises(AppError, match="restarts itself"):
+            Client(sup.url, verbose=False, download_files=str(tmp_path)).predict(
+                "a cat", 256, 256, 2, 1, 1, api_name="/generate")
+        failed = time.monotonic()
+        sup.wait_healthy(not_pid=first, timeout=120, running=False)
+        stop.set()
+        watcher.join(5)
+        with capsys.disabled():
+            print(f"\n[supervisor] lost model -> new process healthy after {time.monotonic() - failed:.1f} s")
+        assert 503 in health, health  # the failed service said so before it went
+        assert "exited: z-image-turbo (exit status 1; not expected)" in sup.supervisord_log()
+        log = sup.app_log()
+        assert "reloading the pipeline for model-offload" in log and "exiting for a restart" in log
+
+
 # --- The production configs, through supervisor's own parser --------------------------------------
 
 def render_production(name: str, tmp: Path) -> Path:
@@ -192,8 +242,6 @@ def test_production_config_parses_with_supervisors_parser(tmp_path: Path) -> Non
     assert program.command.split()[1:] == ["app.py", "--host", "127.0.0.1", "--port", "7860"]
     assert program.autostart and program.autorestart is RestartUnconditionally
     assert program.stopsignal == signal.SIGTERM and program.stopasgroup and program.killasgroup
-    # stopwaitsecs covers the app's own drain bound, so Supervisor never SIGKILLs a draining app.
-    assert program.stopwaitsecs > float(program.environment["ZIMAGE_SHUTDOWN_TIMEOUT_S"]) + 10
     assert program.startsecs >= 60 and program.startretries >= 1
     assert program.redirect_stderr and program.stdout_logfile_maxbytes == 50 * 1024 * 1024
     assert program.stdout_logfile_backups == 10
@@ -206,6 +254,34 @@ def test_multi_gpu_variant_gives_one_process_per_gpu_and_port(tmp_path: Path) ->
     assert [(p.name, p.command.split()[-1], p.environment["CUDA_VISIBLE_DEVICES"]) for p in programs] == [
         ("z-image-turbo-gpu0", "7860", "0"), ("z-image-turbo-gpu1", "7861", "1")]
     assert len({p.stdout_logfile for p in programs}) == 2
+
+
+#: How much longer than the app's own stop bound Supervisor waits before its SIGKILL.
+STOP_MARGIN_S = 5
+
+
+@pytest.mark.parametrize("name", ["z-image-turbo.conf", "z-image-turbo-multi-gpu.conf", "supervisord.conf"])
+def test_stopwaitsecs_outlasts_the_apps_own_stop_bound(name: str, tmp_path: Path) -> None:
+    """The app is gone at most shutdown timeout + app.SHUTDOWN_OVERHEAD_S after SIGTERM (its watchdog sees to
+    it); Supervisor must wait longer, or it SIGKILLs a stop that is still within its bound."""
+    import app
+    from zimage.settings import Settings
+
+    if name == "supervisord.conf":
+        from supervisor.options import ServerOptions
+
+        tree = make_tree(tmp_path)
+        options = ServerOptions()
+        options.realize(["-c", str(tree / CONF)])
+        programs = [p for group in options.process_group_configs for p in group.process_configs]
+    else:
+        programs = parsed_programs(name, tmp_path)
+    assert programs
+    for program in programs:
+        # The local config takes the timeout from supervisord's environment: the app's default unless set.
+        timeout = float(program.environment.get("ZIMAGE_SHUTDOWN_TIMEOUT_S", Settings().shutdown_timeout_s))
+        assert program.stopwaitsecs >= timeout + app.SHUTDOWN_OVERHEAD_S + STOP_MARGIN_S, (
+            name, program.stopwaitsecs, timeout, app.SHUTDOWN_OVERHEAD_S)
 
 
 @pytest.mark.parametrize("name", ["z-image-turbo.conf", "z-image-turbo-multi-gpu.conf", "supervisord.conf"])

@@ -152,11 +152,21 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"memory plan: {service.plan.describe()} ({service.plan.reason})", file=sys.stderr)
 
-    def progress(step: int, total: int) -> None:
-        if not args.quiet:
-            bar = "#" * (20 * step // total)
-            end = "\n" if step == total else ""
-            print(f"\rstep {step:>2}/{total} [{bar:<20}]", end=end, file=sys.stderr, flush=True)
+    shown: list[str] = []
+
+    def progress(state) -> None:
+        """One line per stage on stderr; the denoising line is redrawn in place with a bar."""
+        if args.quiet or state.final:
+            return
+        if state.stage == "denoising" and state.step:
+            bar = "#" * (20 * state.step // state.total)
+            end = "\n" if state.step == state.total else ""
+            print(f"\rstep {state.step:>2}/{state.total} [{bar:<20}]", end=end, file=sys.stderr, flush=True)
+            return
+        text = state.describe()
+        if state.stage != "denoising" and (not shown or shown[-1] != text):
+            shown.append(text)
+            print(text, file=sys.stderr, flush=True)
 
     request = GenerationRequest(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
                                 guidance_scale=args.guidance, seed=args.seed, num_images=args.num_images)

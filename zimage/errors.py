@@ -29,3 +29,26 @@ class GenerationCancelled(ZImageError):
 
 class ServiceNotReady(ZImageError):
     """The model is still loading, failed to load, or the service is shutting down."""
+
+
+class QueueFull(ZImageError):
+    """The service already has ``queue_size`` jobs waiting; try again after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(ValidationError):
+    """The request is predicted not to fit any placement on this GPU; the message names the largest size that does."""
+
+
+class ServiceFailed(ZImageError):
+    """The service lost its pipeline (a reload failed, or the GPU is unusable) and must be restarted."""
+
+
+class StorageError(ZImageError):
+    """The outputs folder cannot take the images (disk full, read-only, no permission, folder gone).
+
+    The message names the folder, the cause in words and what to do; no image of the request was kept.
+    """

@@ -156,6 +156,14 @@ def apply_in_place_options(pipe: Any, options: tuple[str, ...]) -> None:
         pipe.vae.tile_latent_min_size = pipe.vae.tile_sample_min_size // 8
 
 
+def set_vae_tiling(pipe: Any, enabled: bool) -> None:
+    """Turn VAE tiling on or off in a loaded pipeline: a per-request measure, so it must also turn off."""
+    if enabled:
+        apply_in_place_options(pipe, ("vae-tiling",))
+    elif getattr(pipe.vae, "use_tiling", False):
+        pipe.vae.disable_tiling()
+
+
 def can_switch_in_place(old: MemoryPlan, new: MemoryPlan) -> bool:
     """True when ``new`` only adds options that :func:`apply_in_place_options` can turn on."""
     return (old.profile == new.profile and old.dtype == new.dtype and old.use_streams == new.use_streams

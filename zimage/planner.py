@@ -43,8 +43,6 @@ GIB = 1024**3
 MIB = 1024**2
 
 PROFILES_FASTEST_FIRST = ("full", "balanced", "model-offload", "group-offload", "sequential-offload")
-#: The OOM ladder walks this order; "balanced" steps down to model-offload like "full" does.
-PROFILES_LEANEST_LAST = ("full", "balanced", "model-offload", "group-offload", "sequential-offload")
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -82,11 +80,14 @@ class GpuFacts:
 
 @dataclass(frozen=True)
 class DeviceFacts:
-    """The machine: its GPUs (maybe none) and its RAM."""
+    """The machine: its GPUs (maybe none), its RAM, and whether its CPU computes bf16 natively."""
 
     gpus: tuple[GpuFacts, ...]
     ram_total_bytes: int
     ram_available_bytes: int
+    # False unless the probe saw bf16 instructions (see cpu_has_native_bf16): without them bf16 on the CPU
+    # is emulated and far slower than fp32, so "not known" must mean fp32.
+    cpu_bf16: bool = False
 
     @property
     def has_gpu(self) -> bool:
@@ -189,19 +190,40 @@ class PlanError(ValueError):
     """The requested placement cannot work on this machine; the message says what to do."""
 
 
+#: CPU feature flags (as /proc/cpuinfo spells them) that mean bf16 matrix math runs in hardware:
+#: x86 AVX512-BF16 (Cooper Lake, Zen 4 and later) and AMX-BF16 (Sapphire Rapids), and the Armv8.6
+#: BF16 extension ("bf16" in the Features line of aarch64 kernels). Without one of these, PyTorch
+#: emulates bf16 on the CPU and a generation is many times slower than in fp32 (measured 27x on a
+#: 2-core AMD CPU without them).
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
 # --- Pure helpers ------------------------------------------------------------------------------
 
-def hypothetical_devices(vram_gb: float, gpus: int = 1, ram_gb: float = 64.0) -> DeviceFacts:
-    """Facts for a machine we are not on (``plan --vram-gb``): N GB cards with a CUDA context open."""
+def cpu_has_native_bf16(flags: frozenset[str]) -> bool:
+    """True when the CPU feature ``flags`` (lower case, as in /proc/cpuinfo) include bf16 instructions.
+
+    See :data:`NATIVE_BF16_CPU_FLAGS`. An empty set (flags unknown) gives False.
+    """
+    return bool(NATIVE_BF16_CPU_FLAGS & {flag.lower() for flag in flags})
+
+
+def hypothetical_devices(vram_gb: float, gpus: int = 1, ram_gb: float = 64.0, cpu_bf16: bool = False) -> DeviceFacts:
+    """Facts for a machine we are not on (``plan --vram-gb``): N GB cards with a CUDA context open.
+
+    ``cpu_bf16`` says whether that machine's CPU computes bf16 natively (default: it does not).
+    """
     if vram_gb <= 0:
-        return DeviceFacts(gpus=(), ram_total_bytes=int(ram_gb * GIB), ram_available_bytes=int(ram_gb * GIB))
+        return DeviceFacts(gpus=(), ram_total_bytes=int(ram_gb * GIB), ram_available_bytes=int(ram_gb * GIB),
+                           cpu_bf16=cpu_bf16)
     total = int(vram_gb * GIB)
     cards = tuple(
         GpuFacts(index=i, name=f"hypothetical {vram_gb:g} GB GPU", total_bytes=total,
                  free_bytes=max(0, total - CUDA_CONTEXT_BYTES))
         for i in range(gpus)
     )
-    return DeviceFacts(gpus=cards, ram_total_bytes=int(ram_gb * GIB), ram_available_bytes=int(ram_gb * GIB))
+    return DeviceFacts(gpus=cards, ram_total_bytes=int(ram_gb * GIB), ram_available_bytes=int(ram_gb * GIB),
+                       cpu_bf16=cpu_bf16)
 
 
 def choose_device(requested: str, devices: DeviceFacts) -> str:
@@ -219,11 +241,25 @@ def choose_device(requested: str, devices: DeviceFacts) -> str:
 
 
 def choose_dtype(requested: str, device: str, devices: DeviceFacts) -> str:
-    """Resolve ``auto``: bf16 where supported (the model was trained in bf16), else fp16 on GPU."""
+    """Resolve the dtype for the resolved ``device`` ("cpu" or "cuda:N").
+
+    ``auto`` gives bf16 where the hardware computes it natively (the model was trained in bf16): a GPU
+    with compute capability 8.0 or later, or a CPU with bf16 instructions (:func:`cpu_has_native_bf16`);
+    fp16 on older GPUs and fp32 on other CPUs. Raises :class:`PlanError` for fp16 on the CPU, also when
+    the CPU was chosen by ``--device auto`` on a machine without a GPU.
+    """
+    if device == "cpu":
+        if requested == "fp16":
+            where = "this machine has no CUDA GPU" if not devices.has_gpu else "--device cpu was asked for"
+            raise PlanError(f"--dtype fp16 would run on the CPU ({where}), where fp16 is 60-120x slower than "
+                            "bf16: use --dtype auto (bf16 or fp32, whichever this CPU computes natively), "
+                            "bf16 or fp32, or run on a machine with a CUDA GPU.")
+        if requested == "auto":
+            # Emulated bf16 is many times slower than fp32 on CPUs without bf16 instructions.
+            return "bf16" if devices.cpu_bf16 else "fp32"
+        return requested
     if requested != "auto":
         return requested
-    if device == "cpu":
-        return "bf16"  # fp16 on a CPU measured 60-120x slower; bf16 is faster than fp32 there
     gpu = _gpu(devices, device)
     return "bf16" if gpu.supports_bf16 else "fp16"
 
@@ -466,44 +502,9 @@ def _ram_warnings(devices: DeviceFacts, sizes: ComponentSizes, dtype: str) -> tu
     return ()
 
 
-def leaner_plans(plan: MemoryPlan, sizes: ComponentSizes, request: RequestSize = RequestSize(), *,
-                 auto_fp8: bool = True) -> list[tuple[MemoryPlan, str]]:
-    """The OOM ladder below ``plan``: (next plan, what changed) pairs, to try in order.
-
-    First turn on VAE tiling (cheap, applied in place), then step to each leaner profile with
-    tiling kept on: model-offload, model-offload + fp8-storage (if allowed), group-offload,
-    sequential-offload. On the CPU only tiling is left to try.
-    """
-    steps: list[tuple[MemoryPlan, str]] = []
-    current = plan
-    if "vae-tiling" not in current.options:
-        current = _with(current, current.profile, current.options + ("vae-tiling",), current.use_streams,
-                        sizes, request)
-        steps.append((current, "turned on VAE tiling"))
-    if plan.profile == "cpu":
-        return steps
-    start = PROFILES_LEANEST_LAST.index(plan.profile)
-    ladder: list[tuple[str, tuple[str, ...], bool]] = []
-    for profile in PROFILES_LEANEST_LAST[start + 1:]:
-        if profile == "balanced":
-            continue
-        ladder.append((profile, (), profile == "group-offload"))
-        if profile == "model-offload" and auto_fp8 and "fp8-storage" not in current.options \
-                and plan.dtype != "fp32":
-            ladder.append((profile, ("fp8-storage",), False))
-    for profile, extra, streams in ladder:
-        options = current.options + extra
-        if profile == plan.profile and not extra:
-            continue
-        nxt = _with(current, profile, options, streams, sizes, request)
-        what = f"stepped down to {profile}" + (f" with {', '.join(extra)}" if extra else "")
-        steps.append((nxt, what))
-        current = nxt
-    return steps
-
-
-def _with(plan: MemoryPlan, profile: str, options: tuple[str, ...], streams: bool, sizes: ComponentSizes,
-          request: RequestSize) -> MemoryPlan:
+def with_placement(plan: MemoryPlan, profile: str, options: tuple[str, ...], streams: bool, sizes: ComponentSizes,
+                   request: RequestSize) -> MemoryPlan:
+    """``plan`` moved to another profile/options, with its predicted peak for ``request`` (same device and budget)."""
     options = _normalise_options(options)
     peak = predict_peak_bytes(profile, options, sizes, request, plan.dtype, streams)
     return replace(plan, profile=profile, options=options, use_streams=streams, predicted_peak_bytes=peak,

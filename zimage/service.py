@@ -1,16 +1,19 @@
-"""The generation service: owns the pipeline, runs one job at a time, survives out-of-memory errors.
+"""The generation service: owns the pipeline and every job, runs one job at a time on the GPU.
 
-This is the only place that calls the pipeline. A job:
+A job's life (see :mod:`zimage.jobs`):
 
-1. is validated (:func:`validate_request`) before it waits for the GPU;
-2. takes the service lock (one job at a time: the GPU never runs two pipelines at once);
-3. runs the pipeline with ``callback_on_step_end`` reporting each denoising step and checking for
-   cancellation (``pipe._interrupt``, the pipeline's own early stop);
-4. on ``torch.OutOfMemoryError`` frees memory and walks the ladder from
-   :func:`zimage.planner.leaner_plans` (VAE tiling, then leaner profiles), retrying after each step;
-5. checks the pixels for NaN (fp16 black images) and retries once in a safe dtype;
-6. releases the lock, then saves the PNGs with their parameters (so the next job's denoising overlaps
-   this job's encoding and disk write) and returns a :class:`GenerationResult`.
+1. :meth:`GenerationService.submit` validates the request (:func:`validate_request`), checks its size
+   against the base placement (:func:`zimage.recovery.plan_request`: refused at once when nothing on this
+   GPU fits it) and admits it to the bounded queue (:class:`~zimage.errors.QueueFull` when full);
+2. the one GPU worker thread takes jobs in order, places the pipeline for the job (the base placement,
+   or a per-request measure), and renders it in three stages (:mod:`zimage.render`): encoding, denoising
+   (cancel is checked after every step), decoding (skipped after a cancel);
+3. an error is classified (:func:`zimage.recovery.classify_error`) and the pure policy
+   (:func:`zimage.recovery.next_action`) says what follows: tiling for the decode, a leaner placement for
+   this request, a failure with a clear message, or an exit for a restart when the GPU is unusable;
+4. NaN pixels (fp16 black images) are retried once in a safe dtype;
+5. the worker hands the pixels to the saving thread and takes the next job, so the next job denoises
+   while this one's PNGs are written (all images of a request or none).
 """
 
 from __future__ import annotations
@@ -21,19 +24,38 @@ import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from . import __version__
+from . import __version__, render
 from .errors import (
     GenerationCancelled,
     NaNOutputError,
     OutOfMemoryAfterRetries,
+    QueueFull,
+    RequestTooLarge,
+    ServiceFailed,
     ServiceNotReady,
     ValidationError,
     ZImageError,
 )
-from .planner import DeviceFacts, MemoryPlan, PlanError, RequestSize, leaner_plans, safe_dtype_after_nan
+from .jobs import RUNNING, SAVING, Job, JobQueue, Progress
+from .planner import DeviceFacts, MemoryPlan, PlanError, RequestSize, safe_dtype_after_nan
+from .recovery import (
+    DECODE,
+    DENOISE,
+    ENCODE,
+    EXIT,
+    FAIL,
+    RAISE,
+    RETRY_DECODE,
+    classify_error,
+    next_action,
+    plan_request,
+    same_placement,
+)
+from .render import MAX_PROMPT_TOKENS
 from .settings import Settings
 from .storage import OutputStore
 
@@ -54,10 +76,16 @@ SIDE_MULTIPLE_PX = 16  # VAE factor 8 x patch size 2
 MAX_IMAGES = 4
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
-#: What the text encoder reads; longer prompts are cut by the pipeline (we warn).
-MAX_PROMPT_TOKENS = 512
+#: After a cancel (or at the shutdown bound), how long the service waits for the running job to stop: it
+#: stops at the end of the current denoising step, which on a slow CPU can take seconds at 1024x1024.
+CANCEL_WAIT_S = 30.0
+#: How long a check of the outputs folder (for /healthz) stays valid, in seconds.
+OUTPUTS_CHECK_S = 5.0
+#: Outcomes counted per request, from every front door.
+OUTCOMES = ("ok", "invalid", "busy", "cancelled", "failed", "not_ready")
 
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = Callable[[Progress], None]
+__all__ = ["MAX_PROMPT_TOKENS", "GenerationRequest", "GenerationResult", "GenerationService", "validate_request"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +99,10 @@ class GenerationRequest:
     guidance_scale: float = DEFAULT_GUIDANCE
     seed: int | None = None
     num_images: int = 1
+
+    @property
+    def size(self) -> RequestSize:
+        return RequestSize(self.width, self.height, self.num_images, self.guidance_scale > 0)
 
 
 @dataclass(frozen=True)
@@ -87,6 +119,7 @@ class GenerationResult:
     timings: dict[str, float]
     warnings: tuple[str, ...] = ()
     recoveries: tuple[str, ...] = ()
+    gpu_peak_bytes: int | None = None
     images: tuple[Any, ...] = field(default=(), repr=False)  # PIL images
 
     @property
@@ -114,28 +147,27 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class _Rendered:
-    """What the GPU produced for a job, handed from the locked stage to the saving stage."""
+    """What the GPU produced for a job, handed from the GPU worker to the saving thread."""
 
     pixels: Any
     plan: MemoryPlan
-    wait_s: float
     generate_s: float
     warnings: tuple[str, ...]
     recoveries: tuple[str, ...]
+    gpu_peak_bytes: int | None
 
 
 @dataclass
 class ServiceStats:
     """Counters for metrics; read with :meth:`GenerationService.stats`."""
 
-    jobs_succeeded: int = 0
-    jobs_failed: int = 0
-    jobs_cancelled: int = 0
-    jobs_rejected: int = 0  # validation errors
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     oom_recoveries: int = 0
     nan_retries: int = 0
     images_generated: int = 0
     generation_seconds_total: float = 0.0
+    last_gpu_peak_bytes: int | None = None
+    last_gpu_allocated_bytes: int | None = None
 
 
 def _nearest_multiples(value: int) -> str:
@@ -144,13 +176,18 @@ def _nearest_multiples(value: int) -> str:
     return f"{low} or {high}" if low != high else str(low)
 
 
+def _is_whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int] | None = None) -> GenerationRequest:
     """Check every parameter; return the request with the prompt trimmed and a seed filled in.
 
+    Types are refused, never coerced: 256.5 pixels, ``True`` steps or a prompt that is not text are errors.
     Raises :class:`ValidationError` naming the value and the allowed range.
     """
     if not isinstance(request.prompt, str):
-        raise ValidationError("prompt must be text.")
+        raise ValidationError(f"prompt={request.prompt!r} must be text.")
     prompt = request.prompt.strip()
     if not prompt:
         raise ValidationError("prompt is empty: describe the image you want.")
@@ -159,28 +196,29 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
                               f"(and the text encoder reads only its first {MAX_PROMPT_TOKENS} tokens).")
     for name in ("width", "height"):
         value = getattr(request, name)
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not _is_whole_number(value):
             raise ValidationError(f"{name}={value!r} must be a whole number of pixels.")
         if not MIN_SIDE_PX <= value <= MAX_SIDE_PX:
             raise ValidationError(f"{name}={value} is out of range: use {MIN_SIDE_PX} to {MAX_SIDE_PX} pixels.")
         if value % SIDE_MULTIPLE_PX:
             raise ValidationError(f"{name}={value} is not a multiple of {SIDE_MULTIPLE_PX}: use "
                                   f"{_nearest_multiples(value)}.")
-    if not isinstance(request.steps, int) or not MIN_STEPS <= request.steps <= MAX_STEPS:
-        raise ValidationError(f"steps={request.steps!r} is out of range: use {MIN_STEPS} to {MAX_STEPS} "
-                              f"(Turbo's default is {DEFAULT_STEPS}).")
+    if not _is_whole_number(request.steps) or not MIN_STEPS <= request.steps <= MAX_STEPS:
+        raise ValidationError(f"steps={request.steps!r} is out of range: use a whole number from {MIN_STEPS} to "
+                              f"{MAX_STEPS} (Turbo's default is {DEFAULT_STEPS}).")
     guidance = request.guidance_scale
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance <= MAX_GUIDANCE:
         raise ValidationError(f"guidance_scale={guidance!r} is out of range: use 0 to {MAX_GUIDANCE:g} "
                               f"(Turbo's default is {DEFAULT_GUIDANCE:g}).")
-    if not isinstance(request.num_images, int) or not 1 <= request.num_images <= MAX_IMAGES:
-        raise ValidationError(f"num_images={request.num_images!r} is out of range: use 1 to {MAX_IMAGES}.")
+    if not _is_whole_number(request.num_images) or not 1 <= request.num_images <= MAX_IMAGES:
+        raise ValidationError(f"num_images={request.num_images!r} is out of range: use a whole number from 1 to "
+                              f"{MAX_IMAGES}.")
     seed = request.seed
     if seed is None:
         seed = (draw_seed or (lambda: secrets.randbelow(MAX_SEED + 1 - MAX_IMAGES)))()
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise ValidationError(f"seed={seed!r} is out of range: use 0 to {MAX_SEED}, or leave it empty for a "
-                              "random seed.")
+    if not _is_whole_number(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValidationError(f"seed={seed!r} is out of range: use a whole number from 0 to {MAX_SEED}, or leave it "
+                              "empty for a random seed.")
     if seed + request.num_images - 1 > MAX_SEED:
         raise ValidationError(f"seed={seed} with num_images={request.num_images} runs past {MAX_SEED} "
                               "(image i uses seed + i): use a smaller seed.")
@@ -188,35 +226,50 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
 
 
 PipelineFactory = Callable[[Any, MemoryPlan], Any]
+FatalHandler = Callable[[str], None]
+JobListener = Callable[[Job], None]
 
 
 class GenerationService:
-    """Owns one pipeline; :meth:`generate` runs one job at a time and is safe to call from threads."""
+    """Owns one pipeline and every job. :meth:`submit` and :meth:`generate` are safe to call from any thread.
+
+    ``on_fatal(message)`` is called when the service cannot go on (a failed reload with no fallback, a
+    CUDA error that broke the context): the entry point exits non-zero so a supervisor restarts it.
+    """
 
     def __init__(self, settings: Settings, *, devices: DeviceFacts | None = None,
-                 pipeline_factory: PipelineFactory | None = None, store: OutputStore | None = None) -> None:
+                 pipeline_factory: PipelineFactory | None = None, store: OutputStore | None = None,
+                 on_fatal: FatalHandler | None = None) -> None:
         self.settings = settings
         self.store = store or OutputStore(settings.outputs_dir)
+        self.on_fatal = on_fatal
         self._devices = devices
         self._factory = pipeline_factory
-        self._lock = threading.Lock()  # held while a job runs
-        self._stats_lock = threading.Lock()
-        self._stats = ServiceStats()
         self._pipe: Any = None
         self._source: Any = None
         self._sizes: Any = None
+        #: The placement requests return to, and the one the loaded pipeline has now.
+        self.base_plan: MemoryPlan | None = None
         self.plan: MemoryPlan | None = None
         self.state = "starting"  # starting -> loading -> ready | failed; stopping at shutdown
         self.load_error: str | None = None
         self.load_seconds: float | None = None
-        self._busy_since: float | None = None
-        self._jobs_after_lock = 0  # jobs holding the lock or saving after it: wait_idle waits for both
+        self.queue = JobQueue(settings.queue_size, on_cancelled=lambda job: self._end(
+            job, error=GenerationCancelled("The generation was cancelled before it started.")))
+        self._stats_lock = threading.Lock()
+        self._stats = ServiceStats()
+        self._running: Job | None = None
+        self._saving = 0
+        self._idle = threading.Condition()
         self._stopping = threading.Event()
-        self._cancel_current = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._saver: ThreadPoolExecutor | None = None
+        self._finished_listeners: list[JobListener] = []
+        self._outputs_checked: tuple[float, str | None] | None = None
 
     # --- Loading ---------------------------------------------------------------------------
     def load(self) -> None:
-        """Probe the hardware, resolve the model, plan memory and load the pipeline.
+        """Probe the hardware, resolve the model, plan memory, load the pipeline and start the GPU worker.
 
         Raises the :class:`ZImageError` (model not found, plan impossible) after recording it.
         """
@@ -231,7 +284,7 @@ class GenerationService:
                 self._devices = probe_devices()
             self._source = resolve_model_source(self.settings)
             self._sizes = component_sizes(self._source)
-            self.plan = plan_for(self.settings, self._devices, self._sizes)
+            self.plan = self.base_plan = plan_for(self.settings, self._devices, self._sizes)
             for warning in self.plan.warnings:
                 log.warning("%s", warning)
             log.info("memory plan: %s: %s", self.plan.describe(), self.plan.reason)
@@ -244,8 +297,16 @@ class GenerationService:
             self.state, self.load_error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         self.load_seconds = time.perf_counter() - started
-        self.state = "ready"
+        self._start_threads()
+        self.state = "stopping" if self._stopping.is_set() else "ready"
         log.info("model %s ready in %.1f s", self.model_label, self.load_seconds)
+
+    def _start_threads(self) -> None:
+        if self._worker is None:
+            # Daemon: a stop must never wait on a thread stuck in a CUDA call; shutdown cancels jobs first.
+            self._worker = threading.Thread(target=self._work, name="zimage-gpu", daemon=True)
+            self._worker.start()
+            self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-save")
 
     @property
     def model_label(self) -> str:
@@ -257,274 +318,418 @@ class GenerationService:
 
     @property
     def busy(self) -> bool:
-        return self._lock.locked()
+        """True while a job runs on the pipeline (saving is not counted: the GPU is free then)."""
+        return self._running is not None
+
+    def queue_depth(self) -> int:
+        """Jobs waiting for the GPU plus the one running."""
+        return len(self.queue) + (1 if self._running is not None else 0)
+
+    def outputs_problem(self) -> str | None:
+        """Why the outputs folder cannot take images now (missing, unwritable, full), or None. Checked at most
+        every :data:`OUTPUTS_CHECK_S` seconds: health checks come often and the check writes a probe file."""
+        now = time.monotonic()
+        if self._outputs_checked is None or now - self._outputs_checked[0] > OUTPUTS_CHECK_S:
+            self._outputs_checked = (now, self.store.problem())
+        return self._outputs_checked[1]
 
     def stats(self) -> ServiceStats:
         """A copy of the counters."""
         with self._stats_lock:
-            return replace(self._stats)
+            return replace(self._stats, outcomes=dict(self._stats.outcomes))
+
+    def add_finished_listener(self, listener: JobListener) -> None:
+        """Call ``listener(job)`` once per job when it ends (any outcome), e.g. for metrics."""
+        self._finished_listeners.append(listener)
+
+    def count_outcome(self, outcome: str) -> None:
+        """Count a request outcome decided outside :meth:`submit` (a front door's own busy refusal)."""
+        with self._stats_lock:
+            self._stats.outcomes[outcome] += 1
 
     def _count(self, **increments: float) -> None:
         with self._stats_lock:
             for name, amount in increments.items():
                 setattr(self._stats, name, getattr(self._stats, name) + amount)
 
-    def unload(self) -> None:
-        """Drop the pipeline and give its memory back (waits for a running job). The service is then not ready."""
-        from .hardware import release_memory
+    # --- Submitting ----------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, *, request_id: str | None = None,
+               cancel_event: threading.Event | None = None, on_progress: ProgressCallback | None = None) -> Job:
+        """Validate and admit a job; it runs when the GPU worker reaches it. Returns at once.
 
-        with self._lock:
-            self._pipe = None
-            self.state = "starting"
-        release_memory()
+        ``on_progress(progress)`` is called on every change of the job, from the first (its place in the queue).
 
-    # --- Shutdown ----------------------------------------------------------------------------
-    def begin_shutdown(self) -> None:
-        """Refuse new jobs from now on; the running one continues."""
-        self._stopping.set()
-        if self.state == "ready":
-            self.state = "stopping"
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        """Wait for the running job (and its saving); cancel it if it outlasts ``timeout_s``. True when idle."""
-        deadline = time.monotonic() + timeout_s
-        if not self._wait_jobs_done(deadline):
-            log.warning("the running job outlasted the %.0f s shutdown bound: cancelling it", timeout_s)
-            self._cancel_current.set()
-            return self._wait_jobs_done(time.monotonic() + 30)
-        return True
-
-    def _wait_jobs_done(self, deadline: float) -> bool:
-        while True:
-            with self._stats_lock:
-                if self._jobs_after_lock == 0 and not self._lock.locked():
-                    return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-
-    # --- Generation --------------------------------------------------------------------------
-    def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None, request_id: str | None = None) -> GenerationResult:
-        """Validate, wait for the GPU, generate, save. Raises a :class:`ZImageError` subclass on failure."""
+        Raises :class:`ValidationError` (bad parameter; :class:`RequestTooLarge` when nothing on this GPU fits
+        the size), :class:`ServiceNotReady` (loading, failed, shutting down) or :class:`QueueFull`.
+        """
         request_id = request_id or uuid.uuid4().hex[:12]
-        started = time.perf_counter()
         try:
             request = validate_request(request)
         except ValidationError as exc:
-            self._count(jobs_rejected=1)
-            self._log_job(request_id, request, "rejected", started, error=str(exc))
+            self._refused(request_id, request, "invalid", exc)
             raise
-        if self._stopping.is_set():
-            raise ServiceNotReady("The service is shutting down: try again in a moment.")
-        if self.state != "ready":
-            raise ServiceNotReady(self._not_ready_message())
-        with self._lock:
-            if self._stopping.is_set():  # this job waited for the GPU while the shutdown began
-                raise ServiceNotReady("The service is shutting down: try again in a moment.")
-            if self._pipe is None:  # unloaded while this job waited
-                raise ServiceNotReady(self._not_ready_message())
-            self._cancel_current.clear()
-            self._busy_since = time.time()
-            self._track_in_flight(+1)
-            try:
-                rendered = self._logging_outcome(request_id, request, started, lambda: self._render_locked(
-                    request, on_progress, cancel, started))
-            except BaseException:
-                self._track_in_flight(-1)
-                raise
-            finally:
-                self._busy_since = None
-        # Outside the lock: the next job's denoising overlaps this job's PNG encoding and disk write.
+        if self._stopping.is_set() or self.state != "ready":
+            error = ServiceNotReady(self._not_ready_message())
+            self._refused(request_id, request, "not_ready", error)
+            raise error
+        decision = plan_request(self.base_plan, self._sizes, request.size, allow_fp8=self.settings.recovery_fp8)
+        if decision.refusal:
+            error = RequestTooLarge(decision.refusal)
+            self._refused(request_id, request, "invalid", error)
+            raise error
+        job = Job(request_id, request, cancel_event=cancel_event)
+        if on_progress is not None:
+            job.add_listener(lambda changed: on_progress(changed.progress))
         try:
-            result = self._logging_outcome(request_id, request, started, lambda: self._save_result(
-                request, request_id, rendered, started))
-        finally:
-            self._track_in_flight(-1)
-        self._count(jobs_succeeded=1, images_generated=len(result.paths),
-                    generation_seconds_total=result.timings["generate_s"])
-        self._log_job(request_id, request, "ok", started, result=result)
-        return result
+            self.queue.put(job)
+        except (QueueFull, ServiceNotReady) as exc:
+            self._refused(request_id, request, "busy" if isinstance(exc, QueueFull) else "not_ready", exc)
+            raise
+        return job
 
-    def _logging_outcome(self, request_id: str, request: GenerationRequest, started: float,
-                         step: Callable[[], Any]) -> Any:
-        """Run one stage of a job; a failure is counted and logged (one JSON line) before it propagates."""
-        try:
-            return step()
-        except GenerationCancelled as exc:
-            self._count(jobs_cancelled=1)
-            self._log_job(request_id, request, "cancelled", started, error=str(exc))
-            raise
-        except ZImageError as exc:
-            self._count(jobs_failed=1)
-            self._log_job(request_id, request, "failed", started, error=str(exc))
-            raise
-        except Exception as exc:
-            self._count(jobs_failed=1)
-            self._log_job(request_id, request, "error", started, error=f"{type(exc).__name__}: {exc}")
-            raise
+    def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
+                 cancel: threading.Event | None = None, request_id: str | None = None) -> GenerationResult:
+        """Submit and wait: the synchronous form for the CLI and scripts. ``cancel`` set cancels the job.
 
-    def _track_in_flight(self, delta: int) -> None:
-        with self._stats_lock:
-            self._jobs_after_lock += delta
+        Raises what :meth:`submit` raises, or the job's error (:class:`GenerationCancelled`,
+        :class:`OutOfMemoryAfterRetries`, ...).
+        """
+        job = self.submit(request, request_id=request_id, cancel_event=cancel, on_progress=on_progress)
+        if cancel is not None:
+            # The event is the job's token already; this only wakes a waiting job's queue listener.
+            threading.Thread(target=self._cancel_when_set, args=(job, cancel), daemon=True).start()
+        return job.result()
+
+    @staticmethod
+    def _cancel_when_set(job: Job, cancel: threading.Event) -> None:
+        while not job.done:
+            if cancel.wait(0.05):
+                job.cancel()
+                return
+
+    def _refused(self, request_id: str, request: Any, outcome: str, error: Exception) -> None:
+        self.count_outcome(outcome)
+        if outcome != "busy":  # a burst of busy refusals would flood the log; metrics count them
+            self._log_job(request_id, request, "rejected" if outcome == "invalid" else outcome, time.monotonic(),
+                          error=str(error))
 
     def _not_ready_message(self) -> str:
+        if self._stopping.is_set():
+            return "The service is shutting down: try again in a moment."
         if self.state == "failed":
             return f"The model failed to load: {self.load_error}"
         return "The model is still loading: try again in a moment."
 
-    def _render_locked(self, request: GenerationRequest, on_progress: ProgressCallback | None,
-                       cancel: threading.Event | None, started: float) -> _Rendered:
-        """Run the pipeline under the lock, with the OOM ladder and the NaN retry; returns the pixels."""
+    # --- Shutdown ----------------------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs from now on and cancel the waiting ones (they never start); the running one continues."""
+        self._stopping.set()
+        if self.state == "ready":
+            self.state = "stopping"
+        for job in self.queue.close("The service is shutting down: try again in a moment."):
+            job.cancel("shutdown")
+
+    def wait_idle(self, timeout_s: float, cancel_wait_s: float = CANCEL_WAIT_S) -> bool:
+        """Wait for the running job (and its saving); cancel it if it outlasts ``timeout_s``. True when idle.
+
+        After a cancel the job stops within one denoising step; this waits at most ``cancel_wait_s`` more.
+        """
+        if self._wait_idle(time.monotonic() + timeout_s):
+            return True
+        running = self._running
+        if running is not None:
+            log.warning("the running job outlasted the %.0f s shutdown bound: cancelling it", timeout_s)
+            running.cancel("shutdown")
+        return self._wait_idle(time.monotonic() + cancel_wait_s)
+
+    def _wait_idle(self, deadline: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running is None and self._saving == 0 and not len(self.queue),
+                                       max(0.0, deadline - time.monotonic()))
+
+    def unload(self) -> None:
+        """Stop taking jobs and drop the pipeline (for tests and tools); the service is then not ready."""
+        from .hardware import release_memory
+
+        self.begin_shutdown()
+        self.wait_idle(0)
+        self._pipe = None
+        self.state = "starting"
+        release_memory()
+
+    # --- The GPU worker --------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self.queue.get(timeout=0.5)
+            if job is None:
+                continue
+            with self._idle:
+                self._running = job
+            try:
+                self._run(job)
+            finally:
+                with self._idle:
+                    self._running = None
+                    self._idle.notify_all()
+
+    def _run(self, job: Job) -> None:
+        from .hardware import gpu_memory_stats, reset_gpu_peak
+
+        job.started = time.monotonic()
+        job.update(state=RUNNING, stage="encoding", position=0, waiting=0)
+        if self.plan is not None:
+            reset_gpu_peak(self.plan.device)  # this job's peak only: nothing else runs on the GPU now
+        try:
+            rendered = self._render(job)
+        except BaseException as exc:  # noqa: BLE001 - every outcome is recorded on the job
+            self._end(job, error=exc)
+            return
+        stats = gpu_memory_stats(rendered.plan.device)
+        rendered = replace(rendered, gpu_peak_bytes=stats.get("peak_allocated_bytes"))
+        with self._stats_lock:
+            self._stats.last_gpu_allocated_bytes = stats.get("allocated_bytes")
+        job.update(state=SAVING, stage="saving")
+        with self._idle:
+            self._saving += 1
+        # Saving overlaps the next job's denoising: the pipeline is free now.
+        self._saver.submit(self._save, job, rendered)
+
+    def _save(self, job: Job, rendered: _Rendered) -> None:
+        try:
+            result = self._save_result(job, rendered)
+        except BaseException as exc:  # noqa: BLE001
+            self._end(job, error=exc)
+        else:
+            self._end(job, result=result)
+        finally:
+            with self._idle:
+                self._saving -= 1
+                self._idle.notify_all()
+
+    def _end(self, job: Job, *, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
+        """Record the job's outcome (counters, one JSON log line) and make it final."""
+        request = job.request
+        if error is None:
+            self._count(images_generated=len(result.paths), generation_seconds_total=result.timings["generate_s"])
+            with self._stats_lock:
+                self._stats.outcomes["ok"] += 1
+                self._stats.last_gpu_peak_bytes = result.gpu_peak_bytes
+            self._log_job(job.id, request, "ok", job.created, result=result)
+        elif isinstance(error, GenerationCancelled):
+            self.count_outcome("cancelled")
+            progress = job.progress  # where it stopped: a cancel never reaches "decoding"
+            self._log_job(job.id, request, "cancelled", job.created, error=str(error), reason=job.cancel_reason,
+                          stage=progress.stage, step=progress.step)
+        elif isinstance(error, ZImageError):
+            self.count_outcome("failed")
+            self._log_job(job.id, request, "failed", job.created, error=str(error))
+        else:
+            self.count_outcome("failed")
+            log.error("job %s failed", job.id, exc_info=error)
+            self._log_job(job.id, request, "error", job.created, error=f"{type(error).__name__}: {error}")
+            error = ZImageError(f"Internal error (request {job.id}): the server log has the details.")
+        job.finish(result=result, error=error)
+        for listener in list(self._finished_listeners):
+            try:
+                listener(job)
+            except Exception:  # noqa: BLE001 - metrics must never break the service
+                log.exception("a job listener failed")
+
+    # --- One render, with its recovery -------------------------------------------------------------
+    def _render(self, job: Job) -> _Rendered:
+        """Encode, denoise and decode ``job`` on its placement, following the recovery policy on errors."""
         import numpy as np
 
-        lock_acquired = time.perf_counter()
-        if cancel is not None and cancel.is_set():  # cancelled while it waited for the GPU
-            raise GenerationCancelled("The generation was cancelled.")
-        warnings = self._prompt_warnings(request.prompt)
+        request: GenerationRequest = job.request
+        size = request.size
+        decision = plan_request(self.base_plan, self._sizes, size, allow_fp8=self.settings.recovery_fp8)
+        if decision.refusal:  # the base was re-planned since the job was admitted
+            raise RequestTooLarge(decision.refusal)
+        attempt = decision.plan
+        warnings = self._prompt_warnings(request.prompt) + list(decision.notes)
+        for note in decision.notes:
+            log.info("request %s: %s", job.id, note)
         recoveries: list[str] = []
-        request_size = RequestSize(request.width, request.height, request.num_images, request.guidance_scale > 0)
-        ladder: list[tuple[MemoryPlan, str]] | None = None
+        seeds = [request.seed + i for i in range(request.num_images)]
+        latents = None
         nan_retried = False
-        generate_s = 0.0
+        started = time.perf_counter()
         while True:
-            oom_message = None
-            run_started = time.perf_counter()
+            job.raise_if_cancelled()
+            self._place(job, attempt)
+            stage, failure = ENCODE, None
             try:
-                pixels = self._run_pipeline(request, on_progress, cancel)
-            except Exception as exc:  # noqa: BLE001 - only OOM is handled here, the rest re-raised
-                if not _is_out_of_memory(exc):
+                if latents is None:
+                    job.update(stage="encoding", step=0, total=request.steps)
+                    embeds = render.encode(self._pipe, request.prompt, request.guidance_scale)
+                    job.raise_if_cancelled()
+                    stage = DENOISE
+                    job.update(stage="denoising")
+                    latents = render.denoise(
+                        self._pipe, embeds, width=request.width, height=request.height, steps=request.steps,
+                        guidance_scale=request.guidance_scale, seeds=seeds,
+                        on_step=lambda step, total: job.update(step=step),
+                        should_stop=lambda: job.cancel_requested)
+                    del embeds
+                job.raise_if_cancelled()  # never decode a cancelled job
+                stage = DECODE
+                job.update(stage="decoding")
+                pixels = render.decode(self._pipe, latents)
+            except GenerationCancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below; anything unknown is re-raised
+                kind = classify_error(exc)
+                if kind is None:
                     raise
-                oom_message = _first_line(exc)
-            generate_s += time.perf_counter() - run_started
-            if oom_message is not None:
-                # Outside the except block: the exception and its frames (holding the failed job's
-                # tensors) are gone now, so emptying the cache can actually free memory.
-                from .hardware import release_memory
+                failure = (kind, _first_line(exc))
+            if failure is None:
+                if np.isnan(pixels).any():
+                    if nan_retried:
+                        raise NaNOutputError(f"The image came out as NaN (black) in {attempt.dtype} twice.")
+                    attempt = self._after_nan(attempt, size, warnings)
+                    nan_retried, latents = True, None
+                    continue
+                break
+            # Outside the except block: the exception and its frames (holding the failed stage's tensors)
+            # are gone, so emptying the cache can free memory.
+            if stage != DECODE:
+                latents = None
+            from .hardware import release_memory
 
-                release_memory()
-                if ladder is None:
-                    ladder = leaner_plans(self.plan, self._sizes, request_size, auto_fp8=self.settings.auto_fp8)
-                if not ladder:
-                    raise OutOfMemoryAfterRetries(
-                        f"Out of GPU memory even with the leanest placement ({self.plan.describe()}): "
-                        f"{oom_message}. Try a smaller size or fewer images, or free GPU memory used by other "
-                        "processes (nvidia-smi). The service is still running.")
-                next_plan, what = ladder.pop(0)
-                log.warning("out of memory with %s: %s; retrying", self.plan.describe(), what)
-                self._switch_plan(next_plan)
-                recoveries.append(f"out of memory: {what} ({next_plan.describe()})")
-                self._count(oom_recoveries=1)
-                continue
-            if np.isnan(pixels).any():
-                safe = safe_dtype_after_nan(self.plan.dtype, self.plan.device, self._devices)
-                if nan_retried or safe is None:
-                    raise NaNOutputError(
-                        f"The image came out as NaN (black) in {self.plan.dtype}. This model is known to "
-                        "overflow in fp16 on some GPUs: run with --dtype bf16 (or fp32) if your GPU can.")
-                nan_retried = True
-                self._count(nan_retries=1)
-                safe_plan = self._replan(dtype=safe, request_size=request_size)
-                if not safe_plan.fits:
-                    raise NaNOutputError(
-                        f"The image came out as NaN (black) in {self.plan.dtype}, and {safe} does not fit this "
-                        f"GPU ({safe_plan.reason}). Try --dtype {safe} with a smaller image size.")
-                warnings.append(f"{self.plan.dtype} produced NaN (a black image): switched to {safe} and retried.")
-                self._switch_plan(safe_plan)
-                continue
-            break
-        return _Rendered(pixels=pixels, plan=self.plan, wait_s=lock_acquired - started, generate_s=generate_s,
-                         warnings=tuple(warnings), recoveries=tuple(recoveries))
+            release_memory()
+            action = next_action(failure[0], stage, attempt, self.base_plan, size, self._sizes,
+                                 allow_fp8=self.settings.recovery_fp8, error_text=failure[1])
+            if action.kind == EXIT:
+                self._fatal(action.message)
+                raise ServiceFailed(action.message)
+            if action.kind == FAIL:
+                raise OutOfMemoryAfterRetries(action.message)
+            if action.kind == RAISE:  # pragma: no cover - classify_error returned a kind next_action ignores
+                raise ZImageError(failure[1])
+            job.raise_if_cancelled()  # the ladder stops when the job was cancelled meanwhile
+            log.warning("request %s: out of memory in the %s on %s (%s): %s", job.id, stage, attempt.describe(),
+                        failure[1], action.what)
+            recoveries.append(f"out of memory in the {stage}: {action.what} ({action.plan.describe()})")
+            self._count(oom_recoveries=1)
+            if action.rebase:
+                log.warning("an out-of-memory error at or below the planned size on the base placement: this GPU "
+                            "has less room than predicted; re-planning the base placement to %s",
+                            action.plan.describe())
+                self.base_plan = replace(action.plan, reason="re-planned after an out-of-memory error at the "
+                                                             "planned size")
+            attempt = action.plan
+            if action.kind != RETRY_DECODE:
+                latents = None
+        return _Rendered(pixels=pixels, plan=attempt, generate_s=time.perf_counter() - started,
+                         warnings=tuple(warnings), recoveries=tuple(recoveries), gpu_peak_bytes=None)
 
-    def _save_result(self, request: GenerationRequest, request_id: str, rendered: _Rendered,
-                     started: float) -> GenerationResult:
-        """Convert and save the images (no lock held) and assemble the result."""
-        images = _to_pil(rendered.pixels)
+    def _after_nan(self, attempt: MemoryPlan, size: RequestSize, warnings: list[str]) -> MemoryPlan:
+        """NaN (a black image, fp16 overflow): switch the base to a safe dtype for good; it is this model on
+        this card, not this request."""
+        from .loader import plan_for
+
+        safe = safe_dtype_after_nan(attempt.dtype, attempt.device, self._devices)
+        if safe is None:
+            raise NaNOutputError(
+                f"The image came out as NaN (black) in {attempt.dtype}. This model is known to overflow in fp16 "
+                "on some GPUs: run with --dtype bf16 (or fp32) if your GPU can.")
+        self._count(nan_retries=1)
+        safe_plan = plan_for(replace(self.settings, dtype=safe), self._devices, self._sizes, size)
+        if not safe_plan.fits:
+            raise NaNOutputError(f"The image came out as NaN (black) in {attempt.dtype}, and {safe} does not fit "
+                                 f"this GPU ({safe_plan.reason}). Try --dtype {safe} with a smaller image size.")
+        warnings.append(f"{attempt.dtype} produced NaN (a black image): switched to {safe} and retried.")
+        log.warning("%s produced NaN: switching the base placement to %s", attempt.dtype, safe_plan.describe())
+        self.base_plan = safe_plan
+        return safe_plan
+
+    def _place(self, job: Job, plan: MemoryPlan) -> None:
+        """Make the loaded pipeline match ``plan``: reload for another placement, set VAE tiling in place."""
+        from .loader import set_vae_tiling
+
+        if not same_placement(self.plan, plan):
+            job.update(note="switching the memory placement")
+            self._reload(plan)
+            job.update(note="")
+        set_vae_tiling(self._pipe, "vae-tiling" in plan.options)
+        self.plan = replace(self.plan, options=plan.options)
+
+    def _reload(self, plan: MemoryPlan) -> None:
+        """Load the pipeline again for ``plan`` (placements are not undone reliably in place).
+
+        On failure the service is "failed" (``/healthz`` 503); the leanest placement is tried once, and
+        without it :meth:`_fatal` asks the entry point to exit for a restart.
+        """
+        from .hardware import release_memory
+        from .recovery import leanest_plan
+
+        log.info("switching the memory placement: %s -> %s", self.plan.describe(), plan.describe())
+        self._pipe = None
+        release_memory()
+        try:
+            self._pipe = self._factory(self._source, plan)
+            self.plan = plan
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure to load leaves no pipeline
+            cause = f"reloading the pipeline for {plan.describe()} failed: {type(exc).__name__}: {_first_line(exc)}"
+        self.state, self.load_error = "failed", cause
+        log.error("%s", cause)
+        self._pipe = None
+        release_memory()
+        fallback = leanest_plan(self.base_plan, self._sizes, allow_fp8=self.settings.recovery_fp8)
+        if fallback is not None and not same_placement(fallback, plan):
+            try:
+                self._pipe = self._factory(self._source, fallback)
+            except Exception as exc:  # noqa: BLE001
+                log.error("the leanest placement %s failed too: %s: %s", fallback.describe(), type(exc).__name__,
+                          _first_line(exc))
+            else:
+                self.plan = self.base_plan = fallback
+                self.state, self.load_error = "ready", None
+                log.warning("running on the leanest placement %s from now on (restart the server to return to the "
+                            "planned one)", fallback.describe())
+                raise ServiceFailed(f"The server had to reload the model and {cause}; it now runs on "
+                                    f"{fallback.describe()}. Please try again.")
+        self._fatal(cause)
+        raise ServiceFailed(f"The server lost its model ({cause}) and restarts itself. Please try again shortly.")
+
+    def _fatal(self, message: str) -> None:
+        """The service cannot go on: refuse everything, cancel the waiting jobs, tell the entry point."""
+        self.state, self.load_error = "failed", message
+        log.error("the service cannot continue: %s", message)
+        for waiting in self.queue.close(f"The server is restarting after an error: {message}"):
+            waiting.cancel("the service failed")
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+
+    # --- Saving ------------------------------------------------------------------------------------
+    def _save_result(self, job: Job, rendered: _Rendered) -> GenerationResult:
+        """Convert and save the images (the GPU is free meanwhile) and assemble the result."""
+        request: GenerationRequest = job.request
+        images = render.to_pil(rendered.pixels)
         save_started = time.perf_counter()
         seeds = tuple(request.seed + i for i in range(request.num_images))
-        paths = tuple(
-            self.store.save(image, request_id, index,
-                            self._metadata(request, seeds[index], request_id, index, rendered.plan))
-            for index, image in enumerate(images)
-        )
+        metadata = [self._metadata(request, seeds[index], job.id, index, rendered.plan) for index in range(len(images))]
+        paths = self.store.save_all(images, job.id, metadata)
         finished = time.perf_counter()
         timings = {
-            "wait_s": rendered.wait_s,
+            "wait_s": (job.started or job.created) - job.created,
             "generate_s": rendered.generate_s,
             "save_s": finished - save_started,
-            "total_s": finished - started,
+            "total_s": time.monotonic() - job.created,
         }
-        return GenerationResult(request_id=request_id, paths=paths, seeds=seeds, request=request, plan=rendered.plan,
+        return GenerationResult(request_id=job.id, paths=paths, seeds=seeds, request=request, plan=rendered.plan,
                                 timings=timings, warnings=rendered.warnings, recoveries=rendered.recoveries,
-                                images=tuple(images))
-
-    def _run_pipeline(self, request: GenerationRequest, on_progress: ProgressCallback | None,
-                      cancel: threading.Event | None) -> Any:
-        """The one call of the pipeline. Returns float pixels (N, H, W, 3) in [0, 1]."""
-        import torch
-
-        # One CPU generator per image, seeded seed + i: image i can be reproduced on its own, on any
-        # device (diffusers draws the noise on the generator's device and moves it).
-        generators = [torch.Generator(device="cpu").manual_seed(request.seed + i)
-                      for i in range(request.num_images)]
-        total = request.steps
-
-        def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-            if on_progress is not None:
-                on_progress(step + 1, total)
-            if self._cancel_current.is_set() or (cancel is not None and cancel.is_set()):
-                pipe._interrupt = True  # the pipeline's own early stop: remaining steps are skipped
-            return callback_kwargs
-
-        output = self._pipe(
-            prompt=request.prompt,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            num_images_per_prompt=request.num_images,
-            generator=generators,
-            output_type="np",  # floats: NaN is still visible here, unlike in a uint8 PIL image
-            callback_on_step_end=on_step_end,
-            max_sequence_length=MAX_PROMPT_TOKENS,
-        )
-        if getattr(self._pipe, "interrupt", False) or self._cancel_current.is_set() or (cancel and cancel.is_set()):
-            raise GenerationCancelled("The generation was cancelled.")
-        return output.images
+                                gpu_peak_bytes=rendered.gpu_peak_bytes, images=tuple(images))
 
     def _prompt_warnings(self, prompt: str) -> list[str]:
         """Warn (instead of the pipeline's silent cut) when the prompt exceeds the text encoder's limit."""
-        tokenizer = getattr(self._pipe, "tokenizer", None)
-        if tokenizer is None:
-            return []
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=True)
-        count = len(tokenizer(text).input_ids)
-        if count <= MAX_PROMPT_TOKENS:
+        count = render.prompt_token_count(self._pipe, prompt)
+        if count is None or count <= MAX_PROMPT_TOKENS:
             return []
         return [f"The prompt is {count} tokens long with its chat template; the text encoder reads the first "
                 f"{MAX_PROMPT_TOKENS}, so the last {count - MAX_PROMPT_TOKENS} were ignored. Shorten the prompt "
                 "to use all of it."]
-
-    def _replan(self, *, dtype: str, request_size: RequestSize) -> MemoryPlan:
-        from .loader import plan_for
-
-        return plan_for(replace(self.settings, dtype=dtype), self._devices, self._sizes, request_size)
-
-    def _switch_plan(self, new_plan: MemoryPlan) -> None:
-        """Apply ``new_plan``: in place when only cheap options change, else by reloading the pipeline."""
-        from .hardware import release_memory
-        from .loader import apply_in_place_options, can_switch_in_place
-
-        if can_switch_in_place(self.plan, new_plan):
-            apply_in_place_options(self._pipe, new_plan.options)
-        else:
-            # Placements (offload hooks, dtype) are not undone reliably in place: reload from disk
-            # (the OS page cache makes this quick after the first load).
-            self._pipe = None
-            release_memory()
-            self._pipe = self._factory(self._source, new_plan)
-        self.plan = new_plan
 
     def _metadata(self, request: GenerationRequest, seed: int, request_id: str, index: int,
                   plan: MemoryPlan) -> dict[str, Any]:
@@ -543,8 +748,8 @@ class GenerationService:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
-    def _log_job(self, request_id: str, request: GenerationRequest, outcome: str, started: float, *,
-                 result: GenerationResult | None = None, error: str | None = None) -> None:
+    def _log_job(self, request_id: str, request: Any, outcome: str, created: float, *,
+                 result: GenerationResult | None = None, error: str | None = None, **extra: Any) -> None:
         """One JSON line per job; the prompt only when the operator turned that on."""
         plan = result.plan if result is not None else self.plan
         record: dict[str, Any] = {
@@ -552,35 +757,27 @@ class GenerationService:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "request_id": request_id,
             "outcome": outcome,
-            "seed": result.seed if result else request.seed,
-            "width": request.width,
-            "height": request.height,
-            "steps": request.steps,
-            "num_images": request.num_images,
-            "duration_s": round(time.perf_counter() - started, 3),
+            "seed": result.seed if result else getattr(request, "seed", None),
+            "width": getattr(request, "width", None),
+            "height": getattr(request, "height", None),
+            "steps": getattr(request, "steps", None),
+            "num_images": getattr(request, "num_images", None),
+            "duration_s": round(time.monotonic() - created, 3),
             "profile": plan.describe() if plan else None,
         }
-        if result is not None and result.recoveries:
-            record["recoveries"] = list(result.recoveries)
+        if result is not None:
+            if result.recoveries:
+                record["recoveries"] = list(result.recoveries)
+            if result.gpu_peak_bytes is not None:
+                record["gpu_peak_bytes"] = result.gpu_peak_bytes
         if error is not None:
             record["error"] = error
-        if self.settings.log_prompts:
+        record.update({key: value for key, value in extra.items() if value not in (None, "")})
+        if self.settings.log_prompts and isinstance(getattr(request, "prompt", None), str):
             record["prompt"] = request.prompt
-        job_log.info(json.dumps(record, ensure_ascii=False))
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError)
+        job_log.info(json.dumps(record, ensure_ascii=False, default=str))
 
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
-
-
-def _to_pil(pixels: Any) -> list[Any]:
-    from diffusers.image_processor import VaeImageProcessor
-
-    return VaeImageProcessor.numpy_to_pil(pixels)

@@ -61,7 +61,8 @@ class Settings:
                                       "no download). For trying the service and for tests.")
     dtype: str = _setting("auto", choices=DTYPE_CHOICES,
                           help="Weight precision. auto: bf16 on a GPU that supports it (the model was trained "
-                               "in bf16), fp16 on older GPUs, bf16 on CPU.")
+                               "in bf16), fp16 on older GPUs; on a CPU bf16 where it has bf16 instructions "
+                               "(AVX512-BF16, AMX-BF16, Arm BF16), else fp32. fp16 is refused on a CPU.")
     device: str = _setting("auto", help="auto, cpu, cuda or cuda:N. auto uses the first CUDA GPU when there is one.",
                            metavar="DEVICE")
     # Memory
@@ -76,6 +77,9 @@ class Settings:
              "the transformer memory, slight quality change).")
     auto_fp8: bool = _setting(True, help="Let the auto planner choose fp8 weight storage when it avoids a much "
                                          "slower placement. --no-auto-fp8 keeps weights lossless.")
+    recovery_fp8: bool = _setting(False, help="Let out-of-memory recovery step a request down to fp8 weight storage. "
+                                              "Off by default: fp8 changes pixels, so the same seed would no longer "
+                                              "give the same image.")
     reserve_mb: int = _setting(1024, help="GPU memory (MiB) the planner keeps free for the CUDA context, "
                                           "fragmentation and other processes.")
     # Files
@@ -86,11 +90,13 @@ class Settings:
     host: str = _setting("127.0.0.1", help="Address to listen on. Anything but loopback exposes the service: "
                                            "set authentication.")
     port: int = _setting(7860, help="TCP port of the web app.")
-    queue_size: int = _setting(8, help="Jobs that may wait in the queue besides the one generating and the one "
-                                       "next in line; more are refused with a 'busy' message.")
+    queue_size: int = _setting(8, help="Jobs that may wait for the GPU besides the one generating, counted over "
+                                       "every front door; more are refused with a 'busy' answer.")
     auth: str = _setting("", help="Login pairs 'user:password[,user:password]' (prefer --auth-file).",
                          metavar="PAIRS")
     auth_file: Path | None = _setting(None, help="File with one 'user:password' per line.", metavar="FILE")
+    metrics_public: bool = _setting(False, help="Serve /metrics without sign-in, for a local Prometheus that cannot "
+                                                "sign in (Basic auth also works); everything else stays protected.")
     shutdown_timeout_s: float = _setting(60.0, help="On SIGTERM, how long the running job may finish before it "
                                                     "is cancelled.")
     log_prompts: bool = _setting(False, help="Write prompt text into the logs (off: prompts are private).")

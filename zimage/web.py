@@ -1,17 +1,31 @@
 """The web app: a Gradio Blocks UI and HTTP API over the generation service, plus /healthz and /metrics.
 
-:func:`build_app` returns a FastAPI application with Gradio mounted at ``/``. Every generation goes
-through Gradio's queue in one concurrency group (``gpu``, two workers over the service's one-job lock),
-bounded by ``queue_size`` waiting jobs; a full queue is refused with Gradio's "busy, please try again"
-answer (HTTP 503).
+:func:`build_app` returns a FastAPI application with Gradio mounted at ``/``. Gradio is only the door:
+every generation is a job of the service (:mod:`zimage.jobs`), which owns the queue bound, the order,
+progress and cancel. The handler is an async generator: it submits the job, reports its progress by
+stage through ``gr.Progress`` and yields a heartbeat while it waits, so
+
+* a client that disconnects or is killed ends the generator (Gradio closes it after the next heartbeat)
+  and its job is cancelled;
+* a cancel from ``gradio_client``'s ``job.cancel()`` or the page's Cancel button, which both send
+  Gradio's ``/cancel`` with their event id, is routed by :class:`JobRouting` to exactly that event's
+  job (Gradio's own cancel would stop every event of the session);
+* a refusal (queue full, invalid, not ready) is the service's typed error, shown as a readable message.
 """
 
+from __future__ import annotations
+
+import collections
+import json
 import logging
+import secrets
 import threading
-import uuid
 from typing import Any
 
-from .errors import GenerationCancelled, ServiceNotReady, ValidationError, ZImageError
+import gradio as gr  # the web door is Gradio; app.py sets GRADIO_TEMP_DIR before importing this module
+
+from .errors import GenerationCancelled, QueueFull, ServiceNotReady, ValidationError, ZImageError
+from .jobs import Job, watch
 from .metrics import Metrics
 from .service import (
     DEFAULT_SIDE_PX,
@@ -49,15 +63,155 @@ EXAMPLE_PROMPTS = [
 ]
 #: Gradio's own cache of served files: checked every 5 minutes, files older than 30 minutes deleted.
 GRADIO_CACHE_SWEEP = (300, 1800)
-CONCURRENCY_ID = "gpu"
-#: Gradio workers for generation. The service's lock still runs one pipeline at a time; the second
-#: worker lets the next job take the GPU while the previous one is saved and sent (PNG encoding,
-#: Gradio's file handling), so the GPU does not sit idle between jobs.
-GPU_WORKERS = 2
+#: How often a waiting handler yields to Gradio when nothing changed: after each yield Gradio checks that
+#: the client is still there, and closes the handler (cancelling its job) when it is gone.
+HEARTBEAT_S = 0.5
+#: Events Gradio's own queue may hold besides the service's queue. Generation handlers leave Gradio's queue
+#: at once (they only wait on the service), so this is only a guard against a flood of joins.
+GRADIO_QUEUE_SLACK = 16
+#: Join records kept for routing cancels (an event whose handler never ran leaves its record behind).
+MAX_TRACKED_EVENTS = 4096
+
+
+class GradioEvents:
+    """Maps Gradio event ids to service jobs, so a cancel reaches exactly the job of its event.
+
+    Gradio assigns the event id when a client joins the queue; the handler later runs with the join's
+    HTTP request. :class:`JobRouting` tags each join with a token the handler can read
+    (``request.state``, Starlette's public per-request state) and records which event id it got.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._joins: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._event_to_join: dict[str, str] = {}
+
+    def joined(self, join_id: str, event_id: str, session_hash: str | None) -> None:
+        with self._lock:
+            record = self._joins.setdefault(join_id, {"job": None, "cancelled": False})
+            record.update(event_id=event_id, session_hash=session_hash)
+            self._event_to_join[event_id] = join_id
+            while len(self._joins) > MAX_TRACKED_EVENTS:
+                _, old = self._joins.popitem(last=False)
+                self._event_to_join.pop(old.get("event_id"), None)
+
+    def attach(self, join_id: str | None, job: Job) -> None:
+        """Link the handler's job to its join; a cancel that came first cancels the job now."""
+        if join_id is None:
+            return
+        with self._lock:
+            record = self._joins.setdefault(join_id, {"job": None, "cancelled": False})
+            record["job"] = job
+            cancelled = record["cancelled"]
+        if cancelled:
+            job.cancel("cancelled by the client")
+
+    def detach(self, join_id: str | None) -> None:
+        if join_id is None:
+            return
+        with self._lock:
+            record = self._joins.pop(join_id, None)
+            if record is not None:
+                self._event_to_join.pop(record.get("event_id"), None)
+
+    def cancel(self, event_id: str, session_hash: str | None) -> bool:
+        """Cancel the job of ``event_id`` (only for the session that joined it). False when it is not ours."""
+        with self._lock:
+            join_id = self._event_to_join.get(event_id)
+            record = self._joins.get(join_id) if join_id else None
+            if record is None or record.get("session_hash") != session_hash:
+                return False
+            record["cancelled"] = True
+            job = record["job"]
+        if job is not None:
+            job.cancel("cancelled by the client")
+        return True
+
+
+class JobRouting:
+    """ASGI middleware: tags queue joins with a token and routes Gradio's ``/cancel`` to the service's job.
+
+    Only Gradio's HTTP protocol (what its JavaScript and Python clients send) is read: the join's JSON
+    answer ``{"event_id": ...}`` and the cancel body ``{"event_id", "session_hash", "fn_index"}``.
+    """
+
+    def __init__(self, app: Any, events: GradioEvents) -> None:
+        self.app = app
+        self.events = events
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if scope.get("method") == "POST" and path.endswith("/queue/join"):
+            await self._join(scope, receive, send)
+        elif scope.get("method") == "POST" and path.endswith("/cancel"):
+            await self._cancel(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _join(self, scope: dict, receive: Any, send: Any) -> None:
+        join_id = secrets.token_hex(8)
+        scope.setdefault("state", {})["zimage_join_id"] = join_id
+        body, receive = await _read_body(receive)
+        session_hash = _json_field(body, "session_hash")
+        answer: list[bytes] = []
+
+        async def watch_answer(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                answer.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    event_id = _json_field(b"".join(answer), "event_id")
+                    if isinstance(event_id, str):
+                        self.events.joined(join_id, event_id, session_hash)
+            await send(message)
+
+        await self.app(scope, receive, watch_answer)
+
+    async def _cancel(self, scope: dict, receive: Any, send: Any) -> None:
+        body, receive = await _read_body(receive)
+        event_id = _json_field(body, "event_id")
+        if isinstance(event_id, str) and self.events.cancel(event_id, _json_field(body, "session_hash")):
+            payload = b'{"success": true}'
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        await self.app(scope, receive, send)
+
+
+async def _read_body(receive: Any) -> tuple[bytes, Any]:
+    """Read a request body and return it with a ``receive`` that replays it to the next app."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def _json_field(body: bytes, name: str) -> Any:
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        return None
+    return value.get(name) if isinstance(value, dict) else None
 
 
 class _BusyCounter:
-    """ASGI middleware counting queue-full refusals (Gradio answers them before our code runs)."""
+    """ASGI middleware counting Gradio's own queue-full refusals (answered before any handler runs)."""
 
     def __init__(self, app: Any, on_busy: Any) -> None:
         self.app = app
@@ -68,124 +222,107 @@ class _BusyCounter:
             await self.app(scope, receive, send)
             return
 
-        async def watch(message: dict) -> None:
+        async def watch_status(message: dict) -> None:
             if message["type"] == "http.response.start" and message["status"] == 503:
                 self.on_busy()
             await send(message)
 
-        await self.app(scope, receive, watch)
+        await self.app(scope, receive, watch_status)
 
 
-def _as_int(value: Any) -> Any:
-    """Gradio numbers may arrive as floats (512.0); whole floats become ints, the rest is validated."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+def _seed_value(seed: Any) -> Any:
+    """-1 or empty means "draw a random seed"; anything else goes to validation as it is."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
+        return None
+    return seed
 
 
-def _session_gone(blocks: Any, session_hash: str | None) -> bool:
-    """True when Gradio marked this session's running job dead (the client disconnected).
+class WebGenerator:
+    """The ``/generate`` handler over the service (one per app)."""
 
-    Gradio stops waiting for a disconnected client but keeps running its function; this lets the
-    service stop the pipeline at the next step instead of holding the GPU for nothing.
-    """
-    queue = getattr(blocks, "_queue", None)
-    for job_set in getattr(queue, "active_jobs", None) or []:
-        for event in job_set or []:
-            if getattr(event, "session_hash", None) == session_hash and not getattr(event, "alive", True):
-                return True
-    return False
+    def __init__(self, service: GenerationService, events: GradioEvents) -> None:
+        self.service = service
+        self.events = events
+
+    async def generate(self, prompt: Any, width: Any, height: Any, steps: Any, seed: Any, num_images: Any,
+                       request: gr.Request = None, progress: gr.Progress = gr.Progress()):
+        """Generate image(s): yields Gradio's "no change" while the job waits and runs, then (gallery, info).
+
+        Inputs arrive unprocessed (the event has ``preprocess=False``) so the service sees the client's
+        values as they are: 256.5 or ``true`` are refused, never rounded. seed -1 (or empty) draws a
+        random seed; the used seed is in the returned info.
+        """
+        job_request = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
+                                        seed=_seed_value(seed), num_images=num_images)
+        try:
+            job = self.service.submit(job_request)
+        except QueueFull as exc:
+            raise _shown_error("Busy", f"Queue is full! {exc}") from None
+        except ValidationError as exc:
+            raise _shown_error("Invalid request", str(exc)) from None
+        except ServiceNotReady as exc:
+            raise _shown_error("Not ready", str(exc)) from None
+        join_id = _join_id(request)
+        self.events.attach(join_id, job)
+        try:
+            async for state in watch(job, HEARTBEAT_S):
+                if progress is not None and not state.final:
+                    progress(state.fraction(), desc=state.describe())
+                if not state.final:
+                    yield gr.skip(), gr.skip()  # a heartbeat: Gradio checks the client is still connected
+        finally:
+            # Closed by Gradio (client gone), cancelled, or done: a job nobody waits for must not hold the GPU.
+            if not job.done:
+                job.cancel("the client went away")
+            self.events.detach(join_id)
+        try:
+            result = job.result()
+        except GenerationCancelled:
+            raise _shown_error("Cancelled", "The generation was cancelled.") from None
+        except ZImageError as exc:
+            raise _shown_error("Generation failed", str(exc)) from None
+        gallery = [(str(path), f"seed {seed}") for path, seed in zip(result.paths, result.seeds)]
+        yield gallery, result.info()
 
 
-def queue_depth(blocks: Any) -> int:
-    """Jobs waiting in Gradio's queue plus those running."""
-    queue = getattr(blocks, "_queue", None)
-    if queue is None:
-        return 0
-    try:
-        return len(queue) + queue.get_active_worker_count()
-    except Exception:  # noqa: BLE001 - a metric must never break a scrape
-        return 0
+def _join_id(request: Any) -> str | None:
+    inner = getattr(request, "request", None)
+    state = getattr(inner, "state", None)
+    return getattr(state, "zimage_join_id", None)
+
+
+def pick_size(preset: str) -> tuple[Any, Any]:
+    if preset in SIZE_PRESETS:
+        width, height = SIZE_PRESETS[preset]
+        return gr.update(value=width, interactive=False), gr.update(value=height, interactive=False)
+    return gr.update(interactive=True), gr.update(interactive=True)
+
+
+def remember(gallery: list, info: dict, history: list) -> tuple[list, list, str]:
+    history = (list(gallery or []) + list(history or []))[:48]
+    return history, history, _status_line(info)
+
+
+def job_started() -> tuple[Any, str]:
+    return gr.update(interactive=True), ""
+
+
+def job_ended() -> Any:
+    return gr.update(interactive=False)
+
+
+def cancel_requested() -> tuple[str, Any]:
+    return "**Cancelled.**", gr.update(interactive=False)
 
 
 def build_app(settings: Settings, service: GenerationService) -> Any:
     """Build the FastAPI app: Gradio UI and API at ``/``, ``/healthz``, ``/metrics``."""
     import fastapi
-    import gradio as gr
     from fastapi.responses import JSONResponse, Response
 
-    blocks_holder: dict[str, Any] = {}
-    metrics = Metrics(service, queue_depth=lambda: queue_depth(blocks_holder.get("blocks")))
-    cancel_events: dict[str, threading.Event] = {}
-    cancel_lock = threading.Lock()
-
-    def generate(prompt: str, width: float, height: float, steps: float, seed: float, num_images: float,
-                 request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple[list, dict]:
-        """Generate image(s). seed -1 (or empty) draws a random seed; the used seed is in the returned info."""
-        session = getattr(request, "session_hash", None) or uuid.uuid4().hex
-        cancel = threading.Event()
-        with cancel_lock:
-            cancel_events[session] = cancel
-        blocks = blocks_holder["blocks"]
-
-        def on_progress(step: int, total: int) -> None:
-            progress((step, total), desc=f"Denoising step {step}/{total}")
-            if _session_gone(blocks, session):
-                cancel.set()
-
-        seed_value = _as_int(seed)
-        job = GenerationRequest(
-            prompt=prompt if isinstance(prompt, str) else "",
-            width=_as_int(width), height=_as_int(height), steps=_as_int(steps),
-            seed=None if seed_value is None or (isinstance(seed_value, int) and seed_value < 0) else seed_value,
-            num_images=_as_int(num_images),
-        )
-        request_id = uuid.uuid4().hex[:12]
-        progress(0, desc="Waiting for the GPU")
-        try:
-            result = service.generate(job, on_progress=on_progress, cancel=cancel, request_id=request_id)
-        except ValidationError as exc:
-            metrics.requests.labels("invalid").inc()
-            raise _shown_error(gr, "Invalid request", str(exc)) from None
-        except GenerationCancelled:
-            metrics.requests.labels("cancelled").inc()
-            raise _shown_error(gr, "Cancelled", "The generation was cancelled.") from None
-        except ServiceNotReady as exc:
-            metrics.requests.labels("not_ready").inc()
-            raise _shown_error(gr, "Not ready", str(exc)) from None
-        except ZImageError as exc:
-            metrics.requests.labels("failed").inc()
-            raise _shown_error(gr, "Generation failed", str(exc)) from None
-        except Exception:
-            metrics.requests.labels("failed").inc()
-            log.exception("request %s failed", request_id)
-            raise _shown_error(gr, "Generation failed",
-                               f"Internal error (request {request_id}): the server log has the details.") from None
-        finally:
-            with cancel_lock:
-                if cancel_events.get(session) is cancel:
-                    del cancel_events[session]
-        metrics.requests.labels("ok").inc()
-        metrics.generation_seconds.observe(result.timings["generate_s"])
-        _record_gpu_peak(metrics, result.plan.device)
-        gallery = [(str(path), f"seed {seed}") for path, seed in zip(result.paths, result.seeds)]
-        return gallery, result.info()
-
-    def cancel_job(request: gr.Request) -> None:
-        with cancel_lock:
-            event = cancel_events.get(getattr(request, "session_hash", None) or "")
-        if event is not None:
-            event.set()
-
-    def remember(gallery: list, info: dict, history: list) -> tuple[list, list, str]:
-        history = (list(gallery or []) + list(history or []))[:48]
-        return history, history, _status_line(info)
-
-    def pick_size(preset: str) -> tuple[Any, Any]:
-        if preset in SIZE_PRESETS:
-            width, height = SIZE_PRESETS[preset]
-            return gr.update(value=width, interactive=False), gr.update(value=height, interactive=False)
-        return gr.update(interactive=True), gr.update(interactive=True)
+    metrics = Metrics(service)
+    events = GradioEvents()
+    door = WebGenerator(service, events)
 
     with gr.Blocks(title="Z-Image-Turbo", delete_cache=GRADIO_CACHE_SWEEP, analytics_enabled=False) as blocks:
         gr.Markdown("## Z-Image-Turbo\nText to image, one job at a time on this server's GPU.")
@@ -200,22 +337,23 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
                 preset = gr.Dropdown(label="Size", choices=list(SIZE_PRESETS) + [CUSTOM_SIZE],
                                      value=next(iter(SIZE_PRESETS)))
                 with gr.Row():
-                    width = gr.Number(label="Width", value=DEFAULT_SIDE_PX, precision=0, minimum=MIN_SIDE_PX,
+                    # precision=None: Gradio would round 256.5 to 256 before the service sees it.
+                    width = gr.Number(label="Width", value=DEFAULT_SIDE_PX, precision=None, minimum=MIN_SIDE_PX,
                                       maximum=MAX_SIDE_PX, step=SIDE_MULTIPLE_PX, interactive=False)
-                    height = gr.Number(label="Height", value=DEFAULT_SIDE_PX, precision=0, minimum=MIN_SIDE_PX,
+                    height = gr.Number(label="Height", value=DEFAULT_SIDE_PX, precision=None, minimum=MIN_SIDE_PX,
                                        maximum=MAX_SIDE_PX, step=SIDE_MULTIPLE_PX, interactive=False)
                 with gr.Row():
                     steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=DEFAULT_STEPS,
                                       info=f"Turbo is distilled for {DEFAULT_STEPS}")
                     num_images = gr.Slider(label="Images", minimum=1, maximum=MAX_IMAGES, step=1, value=1)
                 with gr.Row():
-                    seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1,
+                    seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=None, minimum=-1,
                                      maximum=2**32 - 1)
                     random_seed = gr.Button("Random seed", size="sm")
                     reuse_seed = gr.Button("Reuse last seed", size="sm")
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel", interactive=False)
             with gr.Column(scale=3):
                 result = gr.Gallery(label="Result", format="png", columns=2, height=560, elem_id="result",
                                     interactive=False)
@@ -226,22 +364,27 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
         history_state = gr.State([])
         last_info = gr.State({})
 
-        preset.change(pick_size, inputs=[preset], outputs=[width, height], queue=False, api_visibility="private")
-        random_seed.click(lambda: -1, outputs=[seed], queue=False, api_visibility="private")
-        reuse_seed.click(lambda i: (i or {}).get("seed", -1), inputs=[last_info], outputs=[seed], queue=False,
-                         api_visibility="private")
-        job = generate_button.click(
-            generate, inputs=[prompt, width, height, steps, seed, num_images], outputs=[result, info],
-            api_name="generate", concurrency_id=CONCURRENCY_ID, concurrency_limit=GPU_WORKERS)
+        private = {"queue": False, "api_visibility": "private"}
+        preset.change(pick_size, inputs=[preset], outputs=[width, height], **private)
+        random_seed.click(lambda: -1, outputs=[seed], **private)
+        reuse_seed.click(lambda i: (i or {}).get("seed", -1), inputs=[last_info], outputs=[seed], **private)
+        started = generate_button.click(job_started, outputs=[cancel_button, status], **private)
+        # No Gradio concurrency limit: the handler only waits on the service, which bounds and orders jobs.
+        job = started.then(door.generate, inputs=[prompt, width, height, steps, seed, num_images],
+                           outputs=[result, info], api_name="generate", concurrency_limit=None, preprocess=False)
         job.success(remember, inputs=[result, info, history_state], outputs=[history, history_state, status],
-                    queue=False, api_visibility="private").then(
-            lambda i: i, inputs=[info], outputs=[last_info], queue=False, api_visibility="private")
-        cancel_button.click(cancel_job, cancels=[job], queue=False, api_visibility="private")
+                    **private).then(lambda i: i, inputs=[info], outputs=[last_info], **private)
+        job.then(job_ended, outputs=[cancel_button], **private)
+        # The browser sends Gradio's /cancel with this event's id; JobRouting hands it to the service.
+        cancel_button.click(None, cancels=[job])
+        cancel_button.click(cancel_requested, outputs=[status, cancel_button], **private)
 
-    blocks.queue(max_size=settings.queue_size, default_concurrency_limit=1)
-    blocks_holder["blocks"] = blocks
+    blocks.queue(max_size=settings.queue_size + GRADIO_QUEUE_SLACK, default_concurrency_limit=1)
 
     app = fastapi.FastAPI(title="Z-Image-Turbo server", docs_url=None, redoc_url=None, openapi_url=None)
+    from . import auth as zauth
+
+    guard = zauth.Guard(read_auth_pairs(settings), metrics_public=settings.metrics_public)
 
     @app.get("/healthz")
     def healthz() -> Any:
@@ -251,22 +394,28 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
             "model": service.model_label,
             "device": plan.device if plan else None,
             "profile": plan.describe() if plan else None,
-            "queue_depth": queue_depth(blocks),
+            "queue_depth": service.queue_depth(),
             "busy": service.busy,
         }
         if service.state == "failed":
             body["error"] = service.load_error
-        return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
+        problem = service.outputs_problem() if service.state == "ready" else None
+        if problem is not None:  # the model is fine but no image could be saved: not healthy
+            body["status"], body["error"] = "unhealthy", problem
+        # With auth on, anybody may ask: only the status, no model path or error text.
+        return JSONResponse(zauth.healthz_body(body, guard), status_code=200 if body["status"] == "ready" else 503)
 
     @app.get("/metrics")
     def metrics_route() -> Any:
         payload, content_type = metrics.render()
         return Response(payload, media_type=content_type)
 
-    app.add_middleware(_BusyCounter, on_busy=lambda: metrics.requests.labels("busy").inc())
-    auth = read_auth_pairs(settings) or None
+    app.add_middleware(_BusyCounter, on_busy=lambda: service.count_outcome("busy"))
+    app.add_middleware(JobRouting, events=events)
+    # Sign-in for every route but /healthz, no startup-events route, security headers (zimage/auth.py).
+    auth_dependency = zauth.install(app, guard)
     app = gr.mount_gradio_app(
-        app, blocks, path="/", auth=auth, auth_message="Z-Image-Turbo: sign in" if auth else None,
+        app, blocks, path="/", auth_dependency=auth_dependency,
         allowed_paths=[str(settings.outputs_dir.resolve())], max_file_size="1mb", show_error=True,
         footer_links=["api"], server_name=settings.host, server_port=settings.port)
     app.state.blocks = blocks
@@ -274,19 +423,9 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
     return app
 
 
-def _shown_error(gr: Any, title: str, message: str) -> Exception:
+def _shown_error(title: str, message: str) -> Exception:
     """An error the page shows until the user closes it; the server log gets the job line, not a traceback."""
     return gr.Error(message, title=title, duration=None, print_exception=False)
-
-
-def _record_gpu_peak(metrics: Metrics, device: str) -> None:
-    from .hardware import gpu_memory_stats, reset_gpu_peak
-
-    stats = gpu_memory_stats(device)
-    if stats:
-        metrics.gpu_peak_bytes.set(stats["peak_allocated_bytes"])
-        metrics.gpu_allocated_bytes.set(stats["allocated_bytes"])
-        reset_gpu_peak(device)
 
 
 def _status_line(info: dict) -> str:
