@@ -83,6 +83,8 @@ def test_invalid_custom_size_shows_a_readable_error(browser, server) -> None:
     page.get_by_role("button", name="Generate", exact=True).click()
     page.wait_for_function("() => document.body.innerText.includes('is not a multiple of 16')", timeout=60_000)
     assert "Traceback" not in page.content()
+    # Nothing runs, so there is nothing to cancel.
+    page.wait_for_function("() => document.querySelector('#cancel').disabled", timeout=30_000)
     page.wait_for_timeout(600)  # let the toast finish fading in before the screenshot
     page.screenshot(path=str(ARTIFACTS / "browser-invalid-size.png"), full_page=True)
     page.close()

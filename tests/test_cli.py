@@ -89,3 +89,22 @@ def test_errors_are_one_clear_line_not_a_traceback(data_dir: Path, tmp_path: Pat
 def test_help(command: list[str], data_dir: Path) -> None:
     done = run(command + ["--help"], data_dir)
     assert done.returncode == 0 and "usage:" in done.stdout
+
+
+def test_ctrl_c_during_a_generation_exits_130_with_one_line(data_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    environ = {**os.environ, "ZIMAGE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "zimage", "generate", "a long job", "--demo", "--width", "1024",
+                             "--height", "1024", "--steps", "50", "--out-dir", str(tmp_path)], cwd=ROOT, env=environ,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen = ""
+    while "step  2/50" not in seen:
+        char = proc.stderr.read(1)
+        assert char, seen
+        seen += char
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(120) == 130, rest  # not an abort from a thread still inside torch
+    assert rest.rstrip().endswith("interrupted") and "Traceback" not in rest and "terminate" not in rest
+    assert not list(tmp_path.glob("*.png"))

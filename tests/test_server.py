@@ -267,8 +267,9 @@ def test_cancelling_one_of_two_jobs_of_a_client_leaves_the_other(server, tmp_pat
 
 @pytest.mark.parametrize(("args", "message"), [
     (("a cat", 256.5, 256, 8, 1, 1), "width=256.5 must be a whole number of pixels"),
-    (("a cat", 256, 256, True, 1, 1), "steps=True is out of range: use a whole number"),
+    (("a cat", 256, 256, True, 1, 1), "steps=True must be a whole number"),
     ((12345, 256, 256, 8, 1, 1), "prompt=12345 must be text"),
+    (("a cat", 256, 256, 8, -5, 1), "seed=-5 is out of range"),  # only -1 means "random"
 ])
 def test_wrong_types_are_refused_not_coerced(server, tmp_path: Path, args: tuple, message: str) -> None:
     from gradio_client.exceptions import AppError
@@ -278,6 +279,62 @@ def test_wrong_types_are_refused_not_coerced(server, tmp_path: Path, args: tuple
         client(server, tmp_path).predict(*args, api_name="/generate")
     assert message in str(info.value) and "Traceback" not in server.log()
     assert server.metric('zimage_requests_total{outcome="invalid"}') == invalid_before + 1
+
+
+def generate_fn_index(server) -> int:
+    import json
+
+    _, body = get(server.url + "config")
+    return next(d["id"] for d in json.loads(body)["dependencies"] if d.get("api_name") == "generate")
+
+
+def post_json(url: str, value: dict) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(value).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_nobody_cancels_a_job_of_another_session(server) -> None:
+    fn_index = generate_fn_index(server)
+    status, joined = post_json(server.url + "gradio_api/queue/join", {
+        "data": ["alice's job", 512, 512, 12, 41, 1], "fn_index": fn_index, "session_hash": "alice-session"})
+    assert status == 200
+    status, answer = post_json(server.url + "gradio_api/cancel", {
+        "event_id": joined["event_id"], "session_hash": "mallory-session", "fn_index": fn_index})
+    assert status == 200 and answer == {"success": False}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(r["seed"] == 41 for r in job_records(server)):
+        time.sleep(0.1)
+    (record,) = [r for r in job_records(server) if r["seed"] == 41]
+    assert record["outcome"] == "ok"
+
+
+def test_a_call_with_the_wrong_number_of_values_is_one_clear_refusal(server) -> None:
+    invalid_before = server.metric('zimage_requests_total{outcome="invalid"}')
+    for data in (["a cat", 256], ["a cat", 256, 256, 8, 1, 1, "extra"]):
+        status, answer = post_json(server.url + "gradio_api/call/generate", {"data": data})
+        assert status == 422 and f"takes 6 values (prompt, width, height, steps, seed, num_images); {len(data)} " \
+            "were sent" in answer["error"]
+    status, answer = post_json(server.url + "gradio_api/queue/join", {
+        "data": ["a cat"], "fn_index": generate_fn_index(server), "session_hash": "s"})
+    assert status == 422 and "1 were sent" in answer["error"]
+    assert server.metric('zimage_requests_total{outcome="invalid"}') == invalid_before + 3
+    assert "Traceback" not in server.log()
+
+
+def test_healthz_answers_head_for_load_balancers(server) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(server.url + "healthz", method="HEAD"), timeout=5) as answer:
+        assert answer.status == 200
 
 
 def test_healthz_reports_an_outputs_folder_that_cannot_take_images(data_dir: Path, tmp_path: Path) -> None:

@@ -63,6 +63,8 @@ def wait_for(condition, timeout: float = 120) -> None:
         ({"prompt": "   "}, "prompt is empty"),
         ({"prompt": 123}, "prompt=123 must be text"),
         ({"prompt": None}, "prompt=None must be text"),
+        ({"prompt": "\ud800 cat"}, "prompt has a character that is not valid text at position 0"),
+        ({"prompt": 7 * 10**80}, "... ("),  # a huge value is cut in the message, never echoed whole
         ({"prompt": "x" * 4001}, "prompt is 4001 characters long: the limit is 4000"),
         ({"width": 1000}, "width=1000 is not a multiple of 16: use 992 or 1008"),
         ({"height": 100}, "height=100 is out of range: use 256 to 2048 pixels"),
@@ -73,17 +75,17 @@ def wait_for(condition, timeout: float = 120) -> None:
         ({"width": True}, "width=True must be a whole number of pixels"),
         ({"steps": 0}, "steps=0 is out of range: use a whole number from 1 to 50 (Turbo's default is 8)"),
         ({"steps": 51}, "steps=51 is out of range"),
-        ({"steps": True}, "steps=True is out of range: use a whole number"),
-        ({"steps": 8.5}, "steps=8.5 is out of range: use a whole number"),
+        ({"steps": True}, "steps=True must be a whole number from 1 to 50"),
+        ({"steps": 8.5}, "steps=8.5 must be a whole number"),
         ({"guidance_scale": -1.0}, "guidance_scale=-1.0 is out of range: use 0 to 10"),
         ({"guidance_scale": 11}, "guidance_scale=11 is out of range"),
         ({"guidance_scale": False}, "guidance_scale=False is out of range"),
         ({"num_images": 0}, "num_images=0 is out of range: use a whole number from 1 to 4"),
         ({"num_images": 5}, "num_images=5 is out of range"),
-        ({"num_images": True}, "num_images=True is out of range"),
+        ({"num_images": True}, "num_images=True must be a whole number"),
         ({"seed": -1}, "seed=-1 is out of range: use a whole number from 0 to 4294967295"),
         ({"seed": 2**32}, "seed=4294967296 is out of range"),
-        ({"seed": 1.5}, "seed=1.5 is out of range"),
+        ({"seed": 1.5}, "seed=1.5 must be a whole number"),
         ({"seed": 2**32 - 1, "num_images": 2}, "runs past 4294967295"),
     ],
 )
@@ -193,6 +195,19 @@ def test_cancel_stops_within_a_step_and_never_decodes(shared_service: Generation
     assert decodes == []  # no VAE decode after a cancel
     assert shared_service.stats().outcomes["cancelled"] == before + 1
     assert shared_service.generate(request(seed=1)).paths and decodes == [1]
+
+
+def test_a_cancel_during_the_decode_saves_nothing_and_counts_as_cancelled(demo_settings) -> None:
+    service, _ = make_service(demo_settings, Behaviour(failures=0))
+    jobs = []
+    wrap_vae(service._pipe, lambda vae: jobs[0].cancel())  # the user cancels while the image is decoded
+    jobs.append(service.submit(request(seed=4)))
+    with pytest.raises(GenerationCancelled):
+        jobs[0].result(60)
+    assert jobs[0].progress.stage == "decoding" and service.stats().outcomes == {**service.stats().outcomes,
+                                                                                 "cancelled": 1, "ok": 0}
+    outputs = demo_settings.outputs_dir
+    assert not outputs.exists() or not any(outputs.iterdir())
 
 
 def test_a_queued_job_that_is_cancelled_never_starts(shared_service: GenerationService) -> None:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
 
 
@@ -135,7 +135,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from .logs import configure_logging
-    from .service import GenerationRequest, GenerationService
+    from .service import CANCEL_WAIT_S, GenerationRequest, GenerationService
     from .storage import OutputStore
 
     configure_logging("WARNING")
@@ -170,7 +170,15 @@ def _generate(args: argparse.Namespace) -> int:
 
     request = GenerationRequest(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
                                 guidance_scale=args.guidance, seed=args.seed, num_images=args.num_images)
-    result = service.generate(request, on_progress=progress)
+    job = service.submit(request, on_progress=progress)
+    try:
+        result = job.result()
+    except KeyboardInterrupt:
+        # Stop the job at its next step and let the GPU worker leave torch before the interpreter exits:
+        # exiting while that thread is inside a torch call aborts the process (SIGABRT) instead of status 130.
+        job.cancel("interrupted")
+        job.wait(CANCEL_WAIT_S)
+        raise
     paths = list(result.paths)
     if args.out is not None:
         targets = [args.out] + [args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")

@@ -252,9 +252,10 @@ class JobQueue:
             if self._closed_reason is not None:
                 raise ServiceNotReady(self._closed_reason)
             if len(self._waiting) >= self.max_waiting:
+                waiting = len(self._waiting)
                 raise QueueFull(
-                    f"The queue is full: {len(self._waiting)} jobs are waiting for the GPU. Please try again in a "
-                    "moment.", retry_after_s=RETRY_AFTER_S_PER_JOB * (len(self._waiting) + 1))
+                    f"Queue is full! {waiting} job{'s are' if waiting != 1 else ' is'} waiting for the GPU: please try "
+                    "again in a moment.", retry_after_s=RETRY_AFTER_S_PER_JOB * (waiting + 1))
             self._waiting.append(job)
             self._cond.notify_all()
         job.add_listener(self._on_job_change)

@@ -176,6 +176,12 @@ def _nearest_multiples(value: int) -> str:
     return f"{low} or {high}" if low != high else str(low)
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error (and the log) never echoes megabytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _is_whole_number(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -187,8 +193,13 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
     Raises :class:`ValidationError` naming the value and the allowed range.
     """
     if not isinstance(request.prompt, str):
-        raise ValidationError(f"prompt={request.prompt!r} must be text.")
+        raise ValidationError(f"prompt={_shown(request.prompt)} must be text.")
     prompt = request.prompt.strip()
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"prompt has a character that is not valid text at position {exc.start} (a lone "
+                              "surrogate): send the prompt as UTF-8.") from None
     if not prompt:
         raise ValidationError("prompt is empty: describe the image you want.")
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -197,28 +208,36 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
     for name in ("width", "height"):
         value = getattr(request, name)
         if not _is_whole_number(value):
-            raise ValidationError(f"{name}={value!r} must be a whole number of pixels.")
+            raise ValidationError(f"{name}={_shown(value)} must be a whole number of pixels.")
         if not MIN_SIDE_PX <= value <= MAX_SIDE_PX:
             raise ValidationError(f"{name}={value} is out of range: use {MIN_SIDE_PX} to {MAX_SIDE_PX} pixels.")
         if value % SIDE_MULTIPLE_PX:
             raise ValidationError(f"{name}={value} is not a multiple of {SIDE_MULTIPLE_PX}: use "
                                   f"{_nearest_multiples(value)}.")
-    if not _is_whole_number(request.steps) or not MIN_STEPS <= request.steps <= MAX_STEPS:
-        raise ValidationError(f"steps={request.steps!r} is out of range: use a whole number from {MIN_STEPS} to "
+    if not _is_whole_number(request.steps):
+        raise ValidationError(f"steps={_shown(request.steps)} must be a whole number from {MIN_STEPS} to {MAX_STEPS} "
+                              f"(Turbo's default is {DEFAULT_STEPS}).")
+    if not MIN_STEPS <= request.steps <= MAX_STEPS:
+        raise ValidationError(f"steps={request.steps} is out of range: use a whole number from {MIN_STEPS} to "
                               f"{MAX_STEPS} (Turbo's default is {DEFAULT_STEPS}).")
     guidance = request.guidance_scale
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance <= MAX_GUIDANCE:
-        raise ValidationError(f"guidance_scale={guidance!r} is out of range: use 0 to {MAX_GUIDANCE:g} "
+        raise ValidationError(f"guidance_scale={_shown(guidance)} is out of range: use 0 to {MAX_GUIDANCE:g} "
                               f"(Turbo's default is {DEFAULT_GUIDANCE:g}).")
-    if not _is_whole_number(request.num_images) or not 1 <= request.num_images <= MAX_IMAGES:
-        raise ValidationError(f"num_images={request.num_images!r} is out of range: use a whole number from 1 to "
+    if not _is_whole_number(request.num_images):
+        raise ValidationError(f"num_images={_shown(request.num_images)} must be a whole number from 1 to {MAX_IMAGES}.")
+    if not 1 <= request.num_images <= MAX_IMAGES:
+        raise ValidationError(f"num_images={request.num_images} is out of range: use a whole number from 1 to "
                               f"{MAX_IMAGES}.")
     seed = request.seed
     if seed is None:
         seed = (draw_seed or (lambda: secrets.randbelow(MAX_SEED + 1 - MAX_IMAGES)))()
-    if not _is_whole_number(seed) or not 0 <= seed <= MAX_SEED:
-        raise ValidationError(f"seed={seed!r} is out of range: use a whole number from 0 to {MAX_SEED}, or leave it "
-                              "empty for a random seed.")
+    if not _is_whole_number(seed):
+        raise ValidationError(f"seed={_shown(seed)} must be a whole number from 0 to {MAX_SEED}, or empty (-1 in "
+                              "the page and the API) for a random seed.")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValidationError(f"seed={_shown(seed)} is out of range: use a whole number from 0 to {MAX_SEED}, or "
+                              "leave it empty (-1 in the page and the API) for a random seed.")
     if seed + request.num_images - 1 > MAX_SEED:
         raise ValidationError(f"seed={seed} with num_images={request.num_images} runs past {MAX_SEED} "
                               "(image i uses seed + i): use a smaller seed.")
@@ -372,6 +391,11 @@ class GenerationService:
             error = ServiceNotReady(self._not_ready_message())
             self._refused(request_id, request, "not_ready", error)
             raise error
+        problem = self.outputs_problem()
+        if problem is not None:  # do not spend GPU time on images that cannot be saved
+            error = ServiceNotReady(f"Images cannot be saved now: {problem}")
+            self._refused(request_id, request, "not_ready", error)
+            raise error
         decision = plan_request(self.base_plan, self._sizes, request.size, allow_fp8=self.settings.recovery_fp8)
         if decision.refusal:
             error = RequestTooLarge(decision.refusal)
@@ -496,6 +520,7 @@ class GenerationService:
 
     def _save(self, job: Job, rendered: _Rendered) -> None:
         try:
+            job.raise_if_cancelled()  # cancelled after the decode: the client was told, nothing is saved
             result = self._save_result(job, rendered)
         except BaseException as exc:  # noqa: BLE001
             self._end(job, error=exc)
@@ -575,6 +600,7 @@ class GenerationService:
                 stage = DECODE
                 job.update(stage="decoding")
                 pixels = render.decode(self._pipe, latents)
+                job.raise_if_cancelled()  # cancelled while decoding: the client was told, nothing is saved
             except GenerationCancelled:
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below; anything unknown is re-raised
@@ -757,11 +783,11 @@ class GenerationService:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "request_id": request_id,
             "outcome": outcome,
-            "seed": result.seed if result else getattr(request, "seed", None),
-            "width": getattr(request, "width", None),
-            "height": getattr(request, "height", None),
-            "steps": getattr(request, "steps", None),
-            "num_images": getattr(request, "num_images", None),
+            "seed": result.seed if result else _loggable(getattr(request, "seed", None)),
+            "width": _loggable(getattr(request, "width", None)),
+            "height": _loggable(getattr(request, "height", None)),
+            "steps": _loggable(getattr(request, "steps", None)),
+            "num_images": _loggable(getattr(request, "num_images", None)),
             "duration_s": round(time.monotonic() - created, 3),
             "profile": plan.describe() if plan else None,
         }
@@ -776,6 +802,11 @@ class GenerationService:
         if self.settings.log_prompts and isinstance(getattr(request, "prompt", None), str):
             record["prompt"] = request.prompt
         job_log.info(json.dumps(record, ensure_ascii=False, default=str))
+
+
+def _loggable(value: Any) -> Any:
+    """A request value as strict JSON: whole numbers as they are, anything else (NaN, huge strings) as a short repr."""
+    return value if value is None or _is_whole_number(value) else _shown(value, 40)
 
 
 def _first_line(exc: BaseException) -> str:

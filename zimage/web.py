@@ -135,9 +135,13 @@ class JobRouting:
     answer ``{"event_id": ...}`` and the cancel body ``{"event_id", "session_hash", "fn_index"}``.
     """
 
-    def __init__(self, app: Any, events: GradioEvents) -> None:
+    def __init__(self, app: Any, events: GradioEvents, arity: dict, on_invalid: Any) -> None:
+        """``arity``: the number of inputs of each queued event, by fn_index (int) and by api_name (str), from
+        the events' public config; ``on_invalid(message)`` counts and logs a call with the wrong number."""
         self.app = app
         self.events = events
+        self.arity = arity
+        self.on_invalid = on_invalid
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -145,13 +149,32 @@ class JobRouting:
             await self._join(scope, receive, send)
         elif scope.get("method") == "POST" and path.endswith("/cancel"):
             await self._cancel(scope, receive, send)
+        elif scope.get("method") == "POST" and "/call/" in path:
+            body, receive = await _read_body(receive)
+            if not await self._check_arity(send, path.rstrip("/").rsplit("/", 1)[-1], body):
+                await self.app(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    async def _check_arity(self, send: Any, key: Any, body: bytes) -> bool:
+        """Answer 422 (and return True) when ``body`` has the wrong number of inputs for the event ``key``.
+
+        Gradio would raise deep inside and print a traceback; this says what is expected, in one line."""
+        expected, data = self.arity.get(key), _json_field(body, "data")
+        if expected is None or not isinstance(data, list) or len(data) == expected:
+            return False
+        message = (f"/{key if isinstance(key, str) else 'generate'} takes {expected} values (prompt, width, height, "
+                   f"steps, seed, num_images); {len(data)} were sent.")
+        self.on_invalid(message)
+        await _send_json(send, 422, {"error": message, "detail": message})
+        return True
 
     async def _join(self, scope: dict, receive: Any, send: Any) -> None:
         join_id = secrets.token_hex(8)
         scope.setdefault("state", {})["zimage_join_id"] = join_id
         body, receive = await _read_body(receive)
+        if await self._check_arity(send, _json_field(body, "fn_index"), body):
+            return
         session_hash = _json_field(body, "session_hash")
         answer: list[bytes] = []
 
@@ -167,16 +190,19 @@ class JobRouting:
         await self.app(scope, receive, watch_answer)
 
     async def _cancel(self, scope: dict, receive: Any, send: Any) -> None:
-        body, receive = await _read_body(receive)
+        # Never handed to Gradio: its cancel closes whatever generator the event id names, whoever asks, and
+        # every queued event here is a service job that this router knows.
+        body, _ = await _read_body(receive)
         event_id = _json_field(body, "event_id")
-        if isinstance(event_id, str) and self.events.cancel(event_id, _json_field(body, "session_hash")):
-            payload = b'{"success": true}'
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(payload)).encode())]})
-            await send({"type": "http.response.body", "body": payload})
-            return
-        await self.app(scope, receive, send)
+        cancelled = isinstance(event_id, str) and self.events.cancel(event_id, _json_field(body, "session_hash"))
+        await _send_json(send, 200, {"success": bool(cancelled)})
+
+
+async def _send_json(send: Any, status: int, value: dict) -> None:
+    payload = json.dumps(value).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 async def _read_body(receive: Any) -> tuple[bytes, Any]:
@@ -231,8 +257,8 @@ class _BusyCounter:
 
 
 def _seed_value(seed: Any) -> Any:
-    """-1 or empty means "draw a random seed"; anything else goes to validation as it is."""
-    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
+    """-1 or empty means "draw a random seed"; anything else (-5 included) goes to validation as it is."""
+    if seed is None or (type(seed) is int and seed == -1):
         return None
     return seed
 
@@ -257,7 +283,7 @@ class WebGenerator:
         try:
             job = self.service.submit(job_request)
         except QueueFull as exc:
-            raise _shown_error("Busy", f"Queue is full! {exc}") from None
+            raise _shown_error("Busy", str(exc)) from None
         except ValidationError as exc:
             raise _shown_error("Invalid request", str(exc)) from None
         except ServiceNotReady as exc:
@@ -375,6 +401,7 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
         job.success(remember, inputs=[result, info, history_state], outputs=[history, history_state, status],
                     **private).then(lambda i: i, inputs=[info], outputs=[last_info], **private)
         job.then(job_ended, outputs=[cancel_button], **private)
+        job.failure(job_ended, outputs=[cancel_button], **private)  # an error ends the chain before "then" in the page
         # The browser sends Gradio's /cancel with this event's id; JobRouting hands it to the service.
         cancel_button.click(None, cancels=[job])
         cancel_button.click(cancel_requested, outputs=[status, cancel_button], **private)
@@ -386,7 +413,7 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
 
     guard = zauth.Guard(read_auth_pairs(settings), metrics_public=settings.metrics_public)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # load balancers often check with HEAD
     def healthz() -> Any:
         plan = service.plan
         body = {
@@ -411,7 +438,8 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
         return Response(payload, media_type=content_type)
 
     app.add_middleware(_BusyCounter, on_busy=lambda: service.count_outcome("busy"))
-    app.add_middleware(JobRouting, events=events)
+    arity = {job["id"]: len(job["inputs"]), job["api_name"]: len(job["inputs"])}  # the event's public config
+    app.add_middleware(JobRouting, events=events, arity=arity, on_invalid=lambda message: _refused_call(service, message))
     # Sign-in for every route but /healthz, no startup-events route, security headers (zimage/auth.py).
     auth_dependency = zauth.install(app, guard)
     app = gr.mount_gradio_app(
@@ -426,6 +454,11 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
 def _shown_error(title: str, message: str) -> Exception:
     """An error the page shows until the user closes it; the server log gets the job line, not a traceback."""
     return gr.Error(message, title=title, duration=None, print_exception=False)
+
+
+def _refused_call(service: GenerationService, message: str) -> None:
+    service.count_outcome("invalid")
+    log.warning("refused a call: %s", message)
 
 
 def _status_line(info: dict) -> str:
