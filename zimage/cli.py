@@ -15,7 +15,7 @@ from .planner import GIB, PlanError, RequestSize
 from .settings import SettingsError, add_settings_arguments, settings_from_args
 
 _ENGINE_SETTINGS = ("model", "demo", "dtype", "device", "memory_profile", "memory_options", "auto_fp8",
-                    "reserve_mb", "outputs_dir", "data_dir", "log_prompts")
+                    "reserve_mb", "outputs_dir", "data_dir", "log_prompts", "max_upload_mb", "recovery_fp8")
 _PLAN_SETTINGS = ("model", "demo", "dtype", "device", "memory_profile", "memory_options", "auto_fp8",
                   "reserve_mb", "data_dir")
 
@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Denoising steps (default {DEFAULT_STEPS}).")
     gen.add_argument("--guidance", type=float, default=0.0, help="Guidance scale (Turbo: 0).")
     gen.add_argument("--num-images", type=int, default=1, help=f"Images to generate, 1-{MAX_IMAGES}.")
+    gen.add_argument("--image", type=Path, help="Image-to-image: start from this PNG/JPEG/WebP (resized to --width x "
+                                               "--height if it differs).")
+    gen.add_argument("--mask", type=Path, help="Inpainting: repaint the white area of this mask (needs --image).")
+    gen.add_argument("--strength", type=float, default=None,
+                     help="How much of the input is repainted, (0, 1] (default 0.6 image-to-image, 1.0 inpainting).")
     where = gen.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, help="Save the (first) image under this file name.")
     where.add_argument("--out-dir", type=Path, help="Save into this folder (default: the outputs folder).")
@@ -133,9 +138,37 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_inputs(args: argparse.Namespace, settings) -> tuple:
+    """The --image and --mask files, read safely and fitted to the requested size; (image, mask, inputs, notes)."""
+    from .errors import ValidationError
+    from .uploads import fit_to_size, read_image, read_mask
+
+    if args.mask is not None and args.image is None:
+        raise ValidationError("--mask needs --image (the picture whose white-masked area is repainted).")
+    if args.image is None:
+        return None, None, (), []
+    limit = settings.max_upload_mb * 2**20
+
+    def data(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ValidationError(f"{path} cannot be read ({exc.strerror}): check the path.") from None
+
+    source = read_image(data(args.image), args.image.name, max_bytes=limit)
+    image, note = fit_to_size(source.image, args.width, args.height, args.image.name)
+    inputs, notes = [(args.image.name, source.sha256)], [note] if note else []
+    mask = None
+    if args.mask is not None:
+        read = read_mask(data(args.mask), args.mask.name, max_bytes=limit, size=(args.width, args.height))
+        mask = read.image
+        inputs.append((args.mask.name, read.sha256))
+    return image, mask, tuple(inputs), notes
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .logs import configure_logging
-    from .service import CANCEL_WAIT_S, GenerationRequest, GenerationService
+    from .service import GenerationRequest, GenerationService
     from .storage import OutputStore
 
     configure_logging("WARNING")
@@ -145,6 +178,7 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.out is not None:
         overrides["outputs_dir"] = args.out.parent if str(args.out.parent) else Path(".")
     settings = settings_from_args(args, **overrides)
+    image, mask, inputs, notes = _read_inputs(args, settings)  # before the model loads: bad files fail fast
     service = GenerationService(settings, store=OutputStore(settings.outputs_dir))
     if not args.quiet:
         print(f"loading {settings.model_source} ...", file=sys.stderr)
@@ -169,16 +203,20 @@ def _generate(args: argparse.Namespace) -> int:
             print(text, file=sys.stderr, flush=True)
 
     request = GenerationRequest(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
-                                guidance_scale=args.guidance, seed=args.seed, num_images=args.num_images)
+                                guidance_scale=args.guidance, seed=args.seed, num_images=args.num_images,
+                                image=image, mask=mask, strength=args.strength, inputs=inputs)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     job = service.submit(request, on_progress=progress)
     try:
         result = job.result()
     except KeyboardInterrupt:
-        # Stop the job at its next step and let the GPU worker leave torch before the interpreter exits:
-        # exiting while that thread is inside a torch call aborts the process (SIGABRT) instead of status 130.
         job.cancel("interrupted")
-        job.wait(CANCEL_WAIT_S)
         raise
+    finally:
+        # Let the GPU worker leave torch before the interpreter exits: exiting while that thread is inside a
+        # torch call aborts the process (SIGABRT) instead of exiting with the right status.
+        service.close()
     paths = list(result.paths)
     if args.out is not None:
         targets = [args.out] + [args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}")

@@ -19,6 +19,34 @@ from typing import Any, Callable
 
 #: What the text encoder reads; longer prompts are cut by the pipeline (the service warns).
 MAX_PROMPT_TOKENS = 512
+#: The diffusers pipeline class of each mode; all share the loaded components.
+MODE_PIPELINES = {"img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"}
+
+
+def mode_pipeline(base: Any, mode: str) -> Any:
+    """The pipeline for ``mode`` ("text", "img2img", "inpaint") over ``base``'s components: the same module
+    objects, so no weight is copied and their placement (device, offload hooks, fp8 storage) is kept.
+
+    Built with the class's constructor from ``base.components`` (diffusers' documented way to reuse
+    components), not ``from_pipe``: in diffusers 0.42.1 ``from_pipe`` ends with ``.to(dtype=...)``, float32
+    unless told otherwise, which casts the *shared* modules in place (seen here: a bf16 pipeline's VAE became
+    float32 and the next text-to-image call failed) and would undo fp8 storage.
+    """
+    if mode == "text":
+        return base
+    import diffusers
+
+    pipe = getattr(diffusers, MODE_PIPELINES[mode])(**base.components)
+    pipe.set_progress_bar_config(disable=True)  # the service reports progress itself
+    return pipe
+
+
+def steps_run(steps: int, strength: float | None) -> int:
+    """Denoising steps an image-to-image or inpainting call runs: diffusers skips the first ``(1 - strength)``
+    share of the schedule (``get_timesteps`` of the Z-Image img2img and inpaint pipelines)."""
+    if strength is None:
+        return steps
+    return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 def prompt_token_count(pipe: Any, prompt: str) -> int | None:
@@ -41,22 +69,31 @@ def encode(pipe: Any, prompt: str, guidance_scale: float) -> tuple[Any, Any]:
 
 
 def denoise(pipe: Any, embeds: tuple[Any, Any], *, width: int, height: int, steps: int, guidance_scale: float,
-            seeds: list[int], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]) -> Any | None:
+            seeds: list[int], on_step: Callable[[int, int], None], should_stop: Callable[[], bool],
+            image: Any = None, mask: Any = None, strength: float | None = None) -> Any | None:
     """Run the denoising loop; returns the latents, or None when ``should_stop`` ended it early.
 
-    ``on_step(step, total)`` is called after each step (1-based). One CPU generator per image, seeded
-    ``seeds[i]``: image i can be reproduced on its own, on any device (diffusers draws the noise on the
-    generator's device and moves it).
+    ``pipe`` is the pipeline of the mode (:func:`mode_pipeline`): ``image`` (PIL, RGB, width x height) and
+    ``strength`` for image-to-image, plus ``mask`` (PIL, L: white is repainted) for inpainting.
+    ``on_step(step, total)`` is called after each step (1-based; ``total`` is :func:`steps_run`). One CPU
+    generator per image, seeded ``seeds[i]``: image i can be reproduced on its own, on any device
+    (diffusers draws the noise on the generator's device and moves it).
     """
     import torch
 
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     prompt_embeds, negative_embeds = embeds
     stopped = False
+    total = steps_run(steps, strength if image is not None else None)
+    inputs: dict[str, Any] = {}
+    if image is not None:
+        inputs.update(image=image, strength=strength)
+    if mask is not None:
+        inputs.update(mask_image=mask)
 
     def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         nonlocal stopped
-        on_step(step + 1, steps)
+        on_step(step + 1, total)
         if should_stop():
             stopped = True
             pipeline._interrupt = True  # diffusers' documented early stop: the remaining steps are skipped
@@ -74,6 +111,7 @@ def denoise(pipe: Any, embeds: tuple[Any, Any], *, width: int, height: int, step
         output_type="latent",  # no decode inside the pipeline: the service decodes, unless cancelled
         callback_on_step_end=on_step_end,
         max_sequence_length=MAX_PROMPT_TOKENS,
+        **inputs,
     )
     if stopped:
         return None

@@ -55,7 +55,7 @@ from .recovery import (
     plan_request,
     same_placement,
 )
-from .render import MAX_PROMPT_TOKENS
+from .render import MAX_PROMPT_TOKENS, steps_run
 from .settings import Settings
 from .storage import OutputStore
 
@@ -99,6 +99,20 @@ class GenerationRequest:
     guidance_scale: float = DEFAULT_GUIDANCE
     seed: int | None = None
     num_images: int = 1
+    #: Image-to-image: the input (PIL RGB, exactly width x height: zimage.uploads.fit_to_size) and how much
+    #: of it is repainted (0-1]; inpainting adds a mask (PIL L, white = repaint, same size).
+    image: Any = field(default=None, repr=False, compare=False)
+    mask: Any = field(default=None, repr=False, compare=False)
+    strength: float | None = None
+    #: What the inputs were (names and sha256 of the files), for the PNG metadata.
+    inputs: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def mode(self) -> str:
+        """"text", "img2img" or "inpaint"."""
+        if self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.image is not None else "text"
 
     @property
     def size(self) -> RequestSize:
@@ -137,6 +151,7 @@ class GenerationResult:
             "steps": self.request.steps,
             "guidance_scale": self.request.guidance_scale,
             "num_images": self.request.num_images,
+            "mode": self.request.mode,
             "profile": self.plan.describe(),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "warnings": list(self.warnings),
@@ -241,7 +256,32 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
     if seed + request.num_images - 1 > MAX_SEED:
         raise ValidationError(f"seed={seed} with num_images={request.num_images} runs past {MAX_SEED} "
                               "(image i uses seed + i): use a smaller seed.")
-    return replace(request, prompt=prompt, seed=seed, guidance_scale=float(guidance))
+    strength = _validate_inputs(request)
+    return replace(request, prompt=prompt, seed=seed, guidance_scale=float(guidance), strength=strength)
+
+
+#: diffusers' defaults: image-to-image keeps 40% of the input's structure, inpainting repaints the masked area.
+DEFAULT_STRENGTH = {"img2img": 0.6, "inpaint": 1.0}
+
+
+def _validate_inputs(request: GenerationRequest) -> float | None:
+    """Check the input image, mask and strength of the image modes; returns the strength to use (None for text)."""
+    if request.mask is not None and request.image is None:
+        raise ValidationError("a mask needs an image to repaint: send the image too (inpainting).")
+    if request.image is None:
+        if request.strength is not None:
+            raise ValidationError(f"strength={_shown(request.strength)} applies to image-to-image and inpainting: "
+                                  "send an image, or leave strength out.")
+        return None
+    for name, picture in (("image", request.image), ("mask", request.mask)):
+        if picture is not None and tuple(getattr(picture, "size", ())) != (request.width, request.height):
+            raise ValidationError(f"the {name} is {getattr(picture, 'size', '?')} but the request is "
+                                  f"{request.width}x{request.height}: resize it to the request's size.")
+    strength = DEFAULT_STRENGTH[request.mode] if request.strength is None else request.strength
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+        raise ValidationError(f"strength={_shown(strength)} is out of range: use more than 0 and at most 1 (how much "
+                              "of the input is repainted; default 0.6 for image-to-image, 1.0 for inpainting).")
+    return float(strength)
 
 
 PipelineFactory = Callable[[Any, MemoryPlan], Any]
@@ -285,6 +325,8 @@ class GenerationService:
         self._saver: ThreadPoolExecutor | None = None
         self._finished_listeners: list[JobListener] = []
         self._outputs_checked: tuple[float, str | None] | None = None
+        self._mode_pipes: dict[str, Any] = {}
+        self._closing = False
 
     # --- Loading ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -477,15 +519,31 @@ class GenerationService:
 
         self.begin_shutdown()
         self.wait_idle(0)
-        self._pipe = None
+        self._pipe, self._mode_pipes = None, {}
         self.state = "starting"
         release_memory()
 
     # --- The GPU worker --------------------------------------------------------------------------
+    def close(self, timeout_s: float = CANCEL_WAIT_S) -> None:
+        """Stop the GPU worker and the saving thread (for the CLI and tests): waiting jobs are cancelled, the
+        running one is cancelled and waited for. A process must not exit while the worker is inside torch
+        (the C++ runtime aborts it)."""
+        self.begin_shutdown()
+        self._closing = True
+        running = self._running
+        if running is not None:
+            running.cancel("the service closed")
+        if self._worker is not None:
+            self._worker.join(timeout_s)
+        if self._saver is not None:
+            self._saver.shutdown(wait=True)
+
     def _work(self) -> None:
         while True:
             job = self.queue.get(timeout=0.5)
             if job is None:
+                if self._closing:
+                    return
                 continue
             with self._idle:
                 self._running = job
@@ -590,11 +648,13 @@ class GenerationService:
                     job.raise_if_cancelled()
                     stage = DENOISE
                     job.update(stage="denoising")
+                    job.update(total=steps_run(request.steps, request.strength))
                     latents = render.denoise(
-                        self._pipe, embeds, width=request.width, height=request.height, steps=request.steps,
-                        guidance_scale=request.guidance_scale, seeds=seeds,
-                        on_step=lambda step, total: job.update(step=step),
-                        should_stop=lambda: job.cancel_requested)
+                        self._mode_pipe(request.mode), embeds, width=request.width, height=request.height,
+                        steps=request.steps, guidance_scale=request.guidance_scale, seeds=seeds,
+                        on_step=lambda step, total: job.update(step=step, total=total),
+                        should_stop=lambda: job.cancel_requested, image=request.image, mask=request.mask,
+                        strength=request.strength)
                     del embeds
                 job.raise_if_cancelled()  # never decode a cancelled job
                 stage = DECODE
@@ -649,6 +709,13 @@ class GenerationService:
         return _Rendered(pixels=pixels, plan=attempt, generate_s=time.perf_counter() - started,
                          warnings=tuple(warnings), recoveries=tuple(recoveries), gpu_peak_bytes=None)
 
+    def _mode_pipe(self, mode: str) -> Any:
+        """The pipeline of ``mode`` over the loaded components (``from_pipe``: no weight is copied), made once per
+        loaded pipeline."""
+        if mode not in self._mode_pipes:
+            self._mode_pipes[mode] = render.mode_pipeline(self._pipe, mode)
+        return self._mode_pipes[mode]
+
     def _after_nan(self, attempt: MemoryPlan, size: RequestSize, warnings: list[str]) -> MemoryPlan:
         """NaN (a black image, fp16 overflow): switch the base to a safe dtype for good; it is this model on
         this card, not this request."""
@@ -690,7 +757,7 @@ class GenerationService:
         from .recovery import leanest_plan
 
         log.info("switching the memory placement: %s -> %s", self.plan.describe(), plan.describe())
-        self._pipe = None
+        self._pipe, self._mode_pipes = None, {}
         release_memory()
         try:
             self._pipe = self._factory(self._source, plan)
@@ -766,6 +833,10 @@ class GenerationService:
             "width": request.width,
             "height": request.height,
             "guidance_scale": request.guidance_scale,
+            "mode": request.mode,
+            **({"strength": request.strength} if request.strength is not None else {}),
+            **({"inputs": [{"name": name, "sha256": digest} for name, digest in request.inputs]}
+               if request.inputs else {}),
             "model": self.model_label,
             "profile": plan.describe(),
             "version": __version__,
@@ -788,6 +859,7 @@ class GenerationService:
             "height": _loggable(getattr(request, "height", None)),
             "steps": _loggable(getattr(request, "steps", None)),
             "num_images": _loggable(getattr(request, "num_images", None)),
+            "mode": getattr(request, "mode", None),
             "duration_s": round(time.monotonic() - created, 3),
             "profile": plan.describe() if plan else None,
         }

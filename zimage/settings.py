@@ -99,6 +99,7 @@ class Settings:
                                                 "sign in (Basic auth also works); everything else stays protected.")
     shutdown_timeout_s: float = _setting(60.0, help="On SIGTERM, how long the running job may finish before it "
                                                     "is cancelled.")
+    max_upload_mb: int = _setting(20, help="Largest input image accepted (image-to-image, inpainting), in MiB.")
     log_prompts: bool = _setting(False, help="Write prompt text into the logs (off: prompts are private).")
 
     def __post_init__(self) -> None:
@@ -136,6 +137,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"port={s.port} is out of range: use 1 to 65535 (default 7860).")
     if not 1 <= s.queue_size <= 1000:
         raise SettingsError(f"queue_size={s.queue_size} is out of range: use 1 to 1000 (default 8).")
+    if not 1 <= s.max_upload_mb <= 200:
+        raise SettingsError(f"max_upload_mb={s.max_upload_mb} is out of range: use 1 to 200 MiB (default 20).")
     if not 0 < s.shutdown_timeout_s <= 3600:
         raise SettingsError(f"shutdown_timeout_s={s.shutdown_timeout_s} is out of range: use more than 0 and at "
                             "most 3600 seconds.")
