@@ -338,6 +338,8 @@ def test_shutdown_cancels_waiting_jobs_and_bounds_the_running_one(demo_settings)
     assert waiting.progress.state == "cancelled"  # never starts
     assert service.wait_idle(0.2)  # 50 steps at 1024x1024 outlast 0.2 s: cancelled, then idle
     assert running.progress.state == "cancelled" and running.cancel_reason == "shutdown"
+    service._worker.join(5)
+    assert not service._worker.is_alive()  # the worker ends with the queue, it does not spin on a closed one
 
 
 def test_failed_load_is_reported(tmp_path: Path) -> None:
@@ -375,14 +377,21 @@ def make_service(settings, behaviour, devices=None, fail_loads=()) -> tuple[Gene
     """
     from diffusers import ZImagePipeline
 
+    from zimage.hardware import probe_devices
+    from zimage.loader import torch_dtype
+    from zimage.planner import choose_dtype
+
     plans: list = []
     fatal: list[str] = []
+    # The pretended GPU plans bf16; on this CPU the pipeline runs in what the CPU computes natively (bf16 is
+    # emulated, and many times slower, on CPUs without bf16 instructions).
+    host_dtype = torch_dtype(choose_dtype("auto", "cpu", probe_devices()))
 
     def factory(source, plan):
         plans.append(plan)
         if plan.profile in fail_loads and len(plans) > 1:
             raise MemoryError("cannot allocate 12 GiB for the weights")
-        return WrappedPipeline(ZImagePipeline.from_pretrained(source.pretrained, dtype=torch.bfloat16), behaviour)
+        return WrappedPipeline(ZImagePipeline.from_pretrained(source.pretrained, dtype=host_dtype), behaviour)
 
     service = GenerationService(settings, devices=devices, pipeline_factory=factory, on_fatal=fatal.append)
     service.load()
@@ -390,7 +399,7 @@ def make_service(settings, behaviour, devices=None, fail_loads=()) -> tuple[Gene
     return service, plans
 
 
-BIG = dict(width=1024, height=1024, num_images=2, steps=2)  # above the 1024x1024 x1 the base was planned for
+BIG = dict(width=768, height=768, num_images=2, steps=2)  # more pixels than the 1024x1024 x1 the base was planned for
 
 
 def test_oom_in_the_denoise_steps_down_for_that_request_only(demo_settings) -> None:

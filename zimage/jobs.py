@@ -273,6 +273,12 @@ class JobQueue:
         self._publish_positions()
         return job
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called: :meth:`get` then returns None at once when nothing waits."""
+        with self._cond:
+            return self._closed_reason is not None
+
     def close(self, reason: str) -> list[Job]:
         """Refuse new jobs from now on; returns the jobs still waiting (the caller cancels them)."""
         with self._cond:

@@ -542,7 +542,7 @@ class GenerationService:
         while True:
             job = self.queue.get(timeout=0.5)
             if job is None:
-                if self._closing:
+                if self._closing or self.queue.closed:  # nothing can come any more (and get() would not wait)
                     return
                 continue
             with self._idle:
