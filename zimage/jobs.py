@@ -82,12 +82,12 @@ Listener = Callable[["Job"], None]
 class Job:
     """One accepted request. Thread-safe: the GPU worker updates it, front doors read and cancel it."""
 
-    def __init__(self, job_id: str, request: Any, *, cancel_event: threading.Event | None = None) -> None:
+    def __init__(self, job_id: str, request: Any) -> None:
         self.id = job_id
         self.request = request
         self.created = time.monotonic()
         self.started: float | None = None  # when the GPU worker took it
-        self._cancel = cancel_event or threading.Event()
+        self._cancel = threading.Event()
         self._cond = threading.Condition()
         self._progress = Progress()
         self._result: Any = None

@@ -415,7 +415,7 @@ class GenerationService:
 
     # --- Submitting ----------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, *, request_id: str | None = None,
-               cancel_event: threading.Event | None = None, on_progress: ProgressCallback | None = None) -> Job:
+               on_progress: ProgressCallback | None = None) -> Job:
         """Validate and admit a job; it runs when the GPU worker reaches it. Returns at once.
 
         ``on_progress(progress)`` is called on every change of the job, from the first (its place in the queue).
@@ -443,7 +443,7 @@ class GenerationService:
             error = RequestTooLarge(decision.refusal)
             self._refused(request_id, request, "invalid", error)
             raise error
-        job = Job(request_id, request, cancel_event=cancel_event)
+        job = Job(request_id, request)
         if on_progress is not None:
             job.add_listener(lambda changed: on_progress(changed.progress))
         try:
@@ -454,24 +454,14 @@ class GenerationService:
         return job
 
     def generate(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None, request_id: str | None = None) -> GenerationResult:
-        """Submit and wait: the synchronous form for the CLI and scripts. ``cancel`` set cancels the job.
+                 request_id: str | None = None) -> GenerationResult:
+        """Submit and wait: the synchronous form for scripts and benchmarks (to cancel, use :meth:`submit` and
+        the job's ``cancel()``).
 
         Raises what :meth:`submit` raises, or the job's error (:class:`GenerationCancelled`,
         :class:`OutOfMemoryAfterRetries`, ...).
         """
-        job = self.submit(request, request_id=request_id, cancel_event=cancel, on_progress=on_progress)
-        if cancel is not None:
-            # The event is the job's token already; this only wakes a waiting job's queue listener.
-            threading.Thread(target=self._cancel_when_set, args=(job, cancel), daemon=True).start()
-        return job.result()
-
-    @staticmethod
-    def _cancel_when_set(job: Job, cancel: threading.Event) -> None:
-        while not job.done:
-            if cancel.wait(0.05):
-                job.cancel()
-                return
+        return self.submit(request, request_id=request_id, on_progress=on_progress).result()
 
     def _refused(self, request_id: str, request: Any, outcome: str, error: Exception) -> None:
         self.count_outcome(outcome)
