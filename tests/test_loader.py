@@ -13,7 +13,6 @@ from fakes import RecordingPipeline
 from zimage.errors import ModelNotFoundError
 from zimage.loader import (
     apply_plan,
-    can_switch_in_place,
     component_sizes,
     enable_group_offload,
     load_pipeline,
@@ -71,14 +70,6 @@ def test_no_offload_call_for_a_cpu_plan(profile: str) -> None:
     with pytest.raises(PlanError, match="needs a CUDA GPU"):
         apply_plan(pipe, replace(gpu_plan(profile), device="cpu"))
     assert pipe.calls == []
-
-
-def test_in_place_switch_only_for_cheap_options() -> None:
-    base = gpu_plan("full")
-    assert can_switch_in_place(base, replace(base, options=("vae-tiling",)))
-    assert not can_switch_in_place(base, replace(base, profile="model-offload"))
-    assert not can_switch_in_place(base, replace(base, options=("fp8-storage",)))
-    assert not can_switch_in_place(base, replace(base, dtype="fp32"))
 
 
 # --- Model resolution ----------------------------------------------------------------------------

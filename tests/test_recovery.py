@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -168,3 +170,9 @@ def test_placements_differ_by_profile_dtype_and_fp8_but_not_by_tiling() -> None:
     assert same_placement(base, tiled)
     assert not same_placement(base, act(OOM, "denoise", base).plan)
     assert 10 * GIB < base.budget_bytes
+    # Only options applied in place keep the loaded pipeline; everything else needs a reload.
+    assert same_placement(base, replace(base, options=("vae-tiling",)))
+    assert same_placement(base, replace(base, options=("attention-slicing",)))
+    assert not same_placement(base, replace(base, profile="model-offload"))
+    assert not same_placement(base, replace(base, options=("fp8-storage",)))
+    assert not same_placement(base, replace(base, dtype="fp32"))

@@ -30,7 +30,6 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 OFFLOAD_PROFILES = ("model-offload", "group-offload", "sequential-offload")
-_OPTIONS_IN_PLACE = {"vae-tiling", "attention-slicing"}
 
 
 @dataclass(frozen=True)
@@ -163,8 +162,3 @@ def set_vae_tiling(pipe: Any, enabled: bool) -> None:
     elif getattr(pipe.vae, "use_tiling", False):
         pipe.vae.disable_tiling()
 
-
-def can_switch_in_place(old: MemoryPlan, new: MemoryPlan) -> bool:
-    """True when ``new`` only adds options that :func:`apply_in_place_options` can turn on."""
-    return (old.profile == new.profile and old.dtype == new.dtype and old.use_streams == new.use_streams
-            and set(old.options) <= set(new.options) and set(new.options) - set(old.options) <= _OPTIONS_IN_PLACE)

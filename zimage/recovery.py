@@ -71,15 +71,15 @@ def _leaner_plans(plan: MemoryPlan, sizes: ComponentSizes, request: RequestSize,
     """Placements below ``plan``, leanest last, each keeping ``plan``'s options; fp8 steps only if allowed."""
     if plan.profile == "cpu":
         return []
-    order = _LEANER[_LEANER.index(plan.profile) + 1:] if plan.profile in _LEANER else _LEANER
+    # From model-offload itself the next rung is its fp8 variant, so the walk starts at the plan's own profile.
+    order = _LEANER[_LEANER.index(plan.profile):] if plan.profile in _LEANER else _LEANER
     steps: list[tuple[MemoryPlan, str]] = []
     fp8_possible = allow_fp8 and "fp8-storage" not in plan.options and plan.dtype != "fp32"
-    if fp8_possible and plan.profile == "model-offload":
-        steps.append((with_placement(plan, "model-offload", plan.options + ("fp8-storage",), False, sizes, request),
-                      "stepped down to model-offload with fp8-storage"))
     for profile in order:
         streams = profile == "group-offload"
-        steps.append((with_placement(plan, profile, plan.options, streams, sizes, request), f"stepped down to {profile}"))
+        if profile != plan.profile:
+            steps.append((with_placement(plan, profile, plan.options, streams, sizes, request),
+                          f"stepped down to {profile}"))
         if profile == "model-offload" and fp8_possible:
             steps.append((with_placement(plan, profile, plan.options + ("fp8-storage",), False, sizes, request),
                           "stepped down to model-offload with fp8-storage"))
