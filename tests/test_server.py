@@ -40,27 +40,28 @@ def image_path(result) -> str:
 
 def test_generate_over_http_returns_the_png_with_its_seed(server, tmp_path: Path) -> None:
     c = client(server, tmp_path)
-    job = c.submit("一只猫 a cat", 320, 256, 8, 7, 1, api_name="/generate")
+    # Long enough (24 steps at 1024x768) that polling the client's status sees the steps even on a fast CPU.
+    job = c.submit("一只猫 a cat", 1024, 768, 24, 7, 1, api_name="/generate")
     progress = []
     while not job.done():
         status = job.status()
         if status.progress_data:
             unit = status.progress_data[0]
             progress.append((unit.desc, unit.progress))
-        time.sleep(0.02)
+        time.sleep(0.005)
     result = job.result()
     path = image_path(result)
     with Image.open(path) as png:
-        assert png.format == "PNG" and png.size == (320, 256)
+        assert png.format == "PNG" and png.size == (1024, 768)
     meta = read_metadata(Path(path))
-    assert meta["seed"] == 7 and meta["prompt"] == "一只猫 a cat" and meta["steps"] == 8
+    assert meta["seed"] == 7 and meta["prompt"] == "一只猫 a cat" and meta["steps"] == 24
     info = result[1]
     # bf16 or fp32 on a CPU, whichever it computes natively (zimage.planner.choose_dtype).
     assert info["seed"] == 7 and info["profile"] in ("cpu (bf16)", "cpu (fp32)") and info["warnings"] == []
     assert (server.outputs / info["files"][0]).is_file()  # served from the outputs folder
     # Stages and steps reached the client, in order, and the bar never claimed 100% before the end.
     steps = [int(desc.split()[-1].split("/")[0]) for desc, _ in progress if desc.startswith("Denoising step")]
-    assert steps and steps == sorted(steps) and all(d.endswith("/8") for d, _ in progress if "Denoising" in d)
+    assert steps and steps == sorted(steps) and all(d.endswith("/24") for d, _ in progress if "Denoising" in d)
     order = ["Queued", "Encoding", "Denoising", "Decoding", "Saving"]
     stages = [next(i for i, name in enumerate(order) if desc.startswith(name)) for desc, _ in progress]
     assert stages == sorted(stages) and all(fraction < 1 for _, fraction in progress), progress
