@@ -152,16 +152,6 @@ def sigterm_exits(tmp: Path, data_dir: Path, args: argparse.Namespace) -> list[f
     return seconds
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="Measurements per kind.")
@@ -175,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(scratch)
         data_dir = tmp / "data"
         measured = measure(args, tmp, data_dir)
+    from results_md import cpu_name
+
     machine = {"cpu": cpu_name(), "cores": __import__("os").cpu_count(),
                "dtype": choose_dtype("auto", "cpu", probe_devices()), "python": platform.python_version()}
     date = time.strftime("%Y-%m-%d")

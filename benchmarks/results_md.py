@@ -1,7 +1,9 @@
-"""Keep benchmarks/RESULTS.md as sections, one per benchmark and machine, replaced on each run."""
+"""Shared by the benchmark scripts: benchmarks/RESULTS.md kept as sections (one per benchmark and machine,
+replaced on each run), and the machine's name for their tables."""
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
@@ -18,3 +20,14 @@ def write_section(path: Path, key: str, text: str) -> None:
     updated = pattern.sub(lambda _: block, current) if pattern.search(current) else current.rstrip() + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(updated, encoding="utf-8")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -18,11 +18,12 @@ from results_md import write_section  # noqa: E402
 
 def test_published_architecture_has_exactly_the_planners_published_sizes() -> None:
     from zimage.architecture import PUBLISHED, parameter_counts
-    from zimage.planner import PUBLISHED_SIZES
+    from zimage.planner import PUBLISHED_CONTROLNET, PUBLISHED_SIZES
 
     counts = parameter_counts(PUBLISHED)
     assert counts == {"transformer": PUBLISHED_SIZES.transformer.params,
-                      "text_encoder": PUBLISHED_SIZES.text_encoder.params, "vae": PUBLISHED_SIZES.vae.params}
+                      "text_encoder": PUBLISHED_SIZES.text_encoder.params, "vae": PUBLISHED_SIZES.vae.params,
+                      "controlnet": PUBLISHED_CONTROLNET.params}
     assert counts["transformer"] == 6_154_908_736  # the published 6.15B
 
 
@@ -102,3 +103,16 @@ def test_service_benchmark_quick_mode(tmp_path: Path, data_dir: Path) -> None:
     assert result["overhead"]["api_over_direct"] > 1  # HTTP is never free
     assert len(result["soak"]["points"]) == 3
     assert "| ratio API / direct |" in done.stdout
+
+
+def test_modes_benchmark_quick_mode(tmp_path: Path, data_dir: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "modes_bench.py"), "--quick",
+                           "--out", str(tmp_path), "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("modes-*-quick.json")
+    rows = {row["mode"]: row for row in json.loads(json_path.read_text())["modes"]}
+    assert list(rows) == ["text", "img2img, strength 0.6", "img2img, strength 1.0", "inpaint", "controlnet",
+                          "controlnet_inpaint"]
+    assert rows["text"]["extra_s"] == 0 and all(row["median_s"] > 0 for row in rows.values())
+    assert rows["controlnet_inpaint"]["steps_run"] == 2 and "| controlnet |" in done.stdout

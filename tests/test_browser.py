@@ -136,3 +136,103 @@ def test_cancel_stops_the_running_job_and_frees_the_gpu(browser, server) -> None
     page.wait_for_function("() => document.querySelector('#cancel').disabled", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-cancelled.png"))
     page.close()
+
+
+def _saved_metadata(server, request_id_hint: str | None = None) -> dict:
+    """The metadata of the newest PNG the server saved."""
+    from zimage.storage import read_metadata
+
+    newest = max(server.outputs.rglob("*.png"), key=lambda path: path.stat().st_mtime)
+    return read_metadata(newest)
+
+
+def _wait_for_size(page, width: int, height: int) -> None:
+    page.wait_for_function(f"""() => {{
+        const values = [...document.querySelectorAll('input[type=number]')].map(e => e.value);
+        return values.includes('{width}') && values.includes('{height}');
+    }}""", timeout=30_000)
+
+
+def _wait_for_result(page, width: int, height: int) -> None:
+    page.wait_for_function(f"""() => [...document.querySelectorAll('#result img')].some(
+        img => img.complete && img.naturalWidth === {width} && img.naturalHeight === {height})""", timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Seed')", timeout=30_000)
+
+
+def test_image_to_image_upload_generate_then_use_the_result_as_input(browser, server, tmp_path: Path) -> None:
+    import hashlib
+
+    from PIL import Image
+
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (330, 250), (200, 40, 40)).save(source)  # sides that are not multiples of 16
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    open_page(page, server)
+    page.locator("#prompt textarea").fill("a red barn")
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#generate").wait_for(state="hidden", timeout=30_000)  # only the selected mode's Generate shows
+    page.locator("#img2img-image input[type=file]").set_input_files(str(source))
+    _wait_for_size(page, 336, 256)  # the size follows the upload: the nearest multiples of 16
+    page.locator("#generate-img2img").click()
+    _wait_for_result(page, 336, 256)
+    meta = _saved_metadata(server)
+    assert meta["mode"] == "img2img" and meta["strength"] == 0.6 and (meta["width"], meta["height"]) == (336, 256)
+    assert meta["inputs"][0]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    page.screenshot(path=str(ARTIFACTS / "browser-img2img.png"), full_page=True)
+    # "Use as input" puts the result into image-to-image: the next job starts from it.
+    page.get_by_role("tab", name="Text to image").click()
+    page.locator("#use-as-input").click()
+    page.locator("#generate-img2img").wait_for(state="visible", timeout=30_000)
+    assert page.get_by_role("tab", name="Image to image").get_attribute("aria-selected") == "true"
+    page.locator("#img2img-image img").first.wait_for(timeout=30_000)
+    page.locator("#generate-img2img").click()
+    page.wait_for_function("() => document.querySelectorAll('#history img').length >= 2", timeout=120_000)
+    second = _saved_metadata(server)
+    assert second["mode"] == "img2img" and second["inputs"][0]["sha256"] != meta["inputs"][0]["sha256"]
+    page.close()
+
+
+def test_inpainting_upload_paint_a_mask_generate(browser, server, tmp_path: Path) -> None:
+    from PIL import Image
+
+    source = tmp_path / "room.png"
+    Image.new("RGB", (320, 256), (30, 60, 200)).save(source)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    open_page(page, server)
+    page.locator("#prompt textarea").fill("a window in the wall")
+    page.get_by_role("tab", name="Inpainting").click()
+    page.locator("#inpaint-editor input[type=file]").set_input_files(str(source))
+    _wait_for_size(page, 320, 256)  # the size follows the uploaded image
+    canvas = page.locator("#inpaint-editor canvas").first
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 50, y - 30)
+    page.mouse.down()
+    for step in range(15):  # a brush stroke across the middle
+        page.mouse.move(x - 50 + 7 * step, y - 30 + 4 * step)
+    page.mouse.up()
+    page.locator("#generate-inpaint").click()
+    _wait_for_result(page, 320, 256)
+    meta = _saved_metadata(server)
+    assert meta["mode"] == "inpaint" and meta["strength"] == 1.0
+    # The editor sends its canvas' background as its own PNG, and the strokes as a layer: the mask.
+    assert len(meta["inputs"]) == 2 and meta["inputs"][1]["name"] == "painted mask"
+    page.screenshot(path=str(ARTIFACTS / "browser-inpaint.png"), full_page=True)
+    page.close()
+
+
+def test_dropping_a_png_made_here_fills_the_form(browser, server, tmp_path: Path) -> None:
+    from gradio_client import Client
+
+    Client(server.url, verbose=False, download_files=str(tmp_path)).predict(
+        "a lighthouse at dawn", 272, 256, 3, 4242, 1, api_name="/generate")
+    made = max(server.outputs.rglob("*.png"), key=lambda path: path.stat().st_mtime)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    open_page(page, server)
+    page.get_by_text("Reuse the settings of an image made here").click()
+    page.locator("#png-drop input[type=file]").set_input_files(str(made))
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'a lighthouse at dawn'",
+                           timeout=30_000)
+    values = page.locator("input[type=number]").evaluate_all("els => els.map(e => e.value)")
+    assert {"272", "256", "3", "4242"} <= set(values)
+    page.close()

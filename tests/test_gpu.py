@@ -46,3 +46,35 @@ def test_each_placement_generates_on_the_gpu(data_dir: Path, tmp_path: Path, ref
     if "fp8-storage" not in options:
         # Offloading moves weights, it does not change the arithmetic: (nearly) the same image.
         assert np.abs(pixels - reference).mean() < 2.0
+
+
+@pytest.mark.parametrize("profile, options", PROFILES)
+def test_each_placement_runs_the_controlnet_modes_on_the_gpu(data_dir: Path, tmp_path: Path, profile: str,
+                                                             options: tuple[str, ...]) -> None:
+    """The demo ControlNet under every placement (zimage.loader.place_mode_pipeline): on a GPU a module left on the
+    CPU fails with a device mismatch, which the CPU tier cannot show."""
+    from zimage.errors import ValidationError
+    from zimage.service import GenerationRequest, GenerationService
+    from zimage.settings import Settings
+
+    control = Image.new("RGB", (256, 256), (255, 255, 255))
+    control.paste((0, 0, 0), (0, 0, 128, 256))
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (0, 0, 256, 128))
+    settings = Settings(demo=True, data_dir=data_dir, outputs_dir=tmp_path, device="cuda:0", memory_profile=profile,
+                        memory_options=options)
+    service = GenerationService(settings)
+    service.load()
+    try:
+        if profile == "sequential-offload":  # diffusers 0.42.1 cannot (zimage.loader.SEQUENTIAL_CONTROLNET)
+            with pytest.raises(ValidationError, match="cannot run on the sequential-offload placement"):
+                service.submit(GenerationRequest(prompt="a cat", width=256, height=256, control_image=control))
+            return
+        for extra in ({}, {"image": control, "mask": mask}):
+            result = service.generate(GenerationRequest(prompt="a cat", width=256, height=256, steps=4, seed=3,
+                                                        control_image=control, **extra))
+            assert result.request.mode == ("controlnet_inpaint" if extra else "controlnet")
+        text = service.generate(GenerationRequest(prompt="a cat", width=256, height=256, steps=4, seed=3))
+        assert text.request.mode == "text"  # the base pipeline still works after the ControlNet pipelines
+    finally:
+        service.unload()

@@ -128,11 +128,12 @@ def test_the_cli_runs_both_modes_and_records_the_input_hash(data_dir: Path, tmp_
     assert "in.jpg is 300x200: it was resized to 256x256" in done.stderr and "step  4/4" in done.stderr
     meta = read_metadata(Path(done.stdout.strip()))
     assert meta["mode"] == "img2img" and meta["inputs"][0] == {
-        "name": "in.jpg", "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+        "name": "in.jpg", "sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "role": "image"}
     done = subprocess.run(common + ["--mask", str(mask)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    assert read_metadata(Path(done.stdout.strip()))["mode"] == "inpaint"
+    meta = read_metadata(Path(done.stdout.strip()))
+    assert meta["mode"] == "inpaint" and [entry["role"] for entry in meta["inputs"]] == ["image", "mask"]
     bad = subprocess.run(common[:-2] + ["--mask", str(mask)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 1 and "--mask needs --image" in bad.stderr and "Traceback" not in bad.stderr

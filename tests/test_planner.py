@@ -7,6 +7,8 @@ import pytest
 from zimage.planner import (
     GIB,
     PROFILES_FASTEST_FIRST,
+    PUBLISHED_CONTROLNET,
+    PUBLISHED_CONTROLNET_HINTS,
     PUBLISHED_SIZES,
     DeviceFacts,
     GpuFacts,
@@ -19,6 +21,7 @@ from zimage.planner import (
     plan_memory,
     predict_peak_bytes,
     safe_dtype_after_nan,
+    with_controlnet,
 )
 
 SPEED_RANK = {
@@ -234,3 +237,53 @@ def test_fp16_on_the_cpu_is_refused_once_the_device_is_resolved(cpu_bf16: bool) 
         choose_dtype("fp16", "cpu", hypothetical_devices(24, cpu_bf16=cpu_bf16))
     # With a GPU, --device auto resolves to it and fp16 is allowed there.
     assert plan_memory(hypothetical_devices(24), PUBLISHED_SIZES, dtype="fp16", device="auto").dtype == "fp16"
+
+
+# --- ControlNet weights and the VAE encode of an input ------------------------------------------------------
+
+WITH_CONTROLNET = with_controlnet(PUBLISHED_SIZES, PUBLISHED_CONTROLNET, PUBLISHED_CONTROLNET_HINTS)
+TEXT, IMAGE, CONTROL = RequestSize(), RequestSize(encode=True), RequestSize(encode=True, controlnet=True)
+
+
+# Extra GiB at 1024x1024, bf16, with the published Union 2.1 ControlNet (6.25 GiB of its own weights):
+# configured but unused (text), used (controlnet request), and an input encoded (img2img) over text.
+@pytest.mark.parametrize(("profile", "options", "configured", "used", "encoded"), [
+    # Resident with the transformer: every request pays its weights; a ControlNet request adds its hints.
+    ("full", (), 6.251, 0.452, 0.0),
+    # On the GPU only for its requests, beside the transformer (+ the VAE kept from encoding, + the hints).
+    ("model-offload", (), 0.0, 7.462, 0.156),
+    # fp8 halves the ControlNet too; the text encoder beside the VAE encoding the input is now the peak.
+    ("model-offload", ("fp8-storage",), 0.0, 3.818, 1.266),
+    ("group-offload", (), 0.0, 1.055, 0.0),  # one control block at a time, plus the hints
+    ("sequential-offload", (), 0.0, 0.521, 0.0),
+])
+def test_controlnet_and_encode_peaks_per_placement(profile: str, options: tuple, configured: float, used: float,
+                                                   encoded: float) -> None:
+    def peak(sizes, request) -> float:
+        return predict_peak_bytes(profile, options, sizes, request, "bf16", profile == "group-offload") / GIB
+
+    assert peak(WITH_CONTROLNET, TEXT) - peak(PUBLISHED_SIZES, TEXT) == pytest.approx(configured, abs=0.001)
+    assert peak(WITH_CONTROLNET, CONTROL) - peak(WITH_CONTROLNET, TEXT) == pytest.approx(used, abs=0.001)
+    assert peak(WITH_CONTROLNET, IMAGE) - peak(WITH_CONTROLNET, TEXT) == pytest.approx(encoded, abs=0.001)
+
+
+def test_the_vae_encode_is_its_own_stage() -> None:
+    from zimage.planner import activation_bytes
+
+    text = activation_bytes(PUBLISHED_SIZES, TEXT, 2, vae_tiling=False)
+    image = activation_bytes(PUBLISHED_SIZES, IMAGE, 2, vae_tiling=False)
+    tiled = activation_bytes(PUBLISHED_SIZES, RequestSize(2048, 2048, encode=True), 2, vae_tiling=True)
+    assert text["vae_encode"] == 0
+    # 1024^2 px x 128 channels x 10 bytes x 2 / 2, plus the input's pixels in bf16.
+    assert image["vae_encode"] == 1024 * 1024 * 128 * 10 + 1024 * 1024 * 3 * 2
+    assert tiled["vae_encode"] < activation_bytes(PUBLISHED_SIZES, RequestSize(2048, 2048, encode=True), 2,
+                                                  vae_tiling=False)["vae_encode"]
+
+
+def test_a_controlnet_changes_the_start_placement_only_where_it_is_resident() -> None:
+    # 24 GB: full would need the ControlNet resident (27 GiB), so text requests move to model offload.
+    assert plan_memory(hypothetical_devices(24), PUBLISHED_SIZES).profile == "full"
+    assert plan_memory(hypothetical_devices(24), WITH_CONTROLNET).profile == "model-offload"
+    # 80 GB: everything stays resident.
+    assert plan_memory(hypothetical_devices(80), WITH_CONTROLNET).profile == "full"
+    assert WITH_CONTROLNET.total_params == PUBLISHED_SIZES.total_params + 3_356_225_792

@@ -306,7 +306,7 @@ def post_json(url: str, value: dict) -> tuple[int, dict]:
 def test_nobody_cancels_a_job_of_another_session(server) -> None:
     fn_index = generate_fn_index(server)
     status, joined = post_json(server.url + "gradio_api/queue/join", {
-        "data": ["alice's job", 512, 512, 12, 41, 1], "fn_index": fn_index, "session_hash": "alice-session"})
+        "data": ["alice's job", 512, 512, 12, 41, 1, 0.0, "", []], "fn_index": fn_index, "session_hash": "alice-session"})
     assert status == 200
     status, answer = post_json(server.url + "gradio_api/cancel", {
         "event_id": joined["event_id"], "session_hash": "mallory-session", "fn_index": fn_index})
@@ -320,13 +320,13 @@ def test_nobody_cancels_a_job_of_another_session(server) -> None:
 
 def test_a_call_with_the_wrong_number_of_values_is_one_clear_refusal(server) -> None:
     invalid_before = server.metric('zimage_requests_total{outcome="invalid"}')
-    for data in (["a cat", 256], ["a cat", 256, 256, 8, 1, 1, "extra"]):
+    for data in (["a cat", 256], ["a cat", 256, 256, 8, 1, 1, 0.0, "", [], "extra"]):
         status, answer = post_json(server.url + "gradio_api/call/generate", {"data": data})
-        assert status == 422 and f"takes 6 values (prompt, width, height, steps, seed, num_images); {len(data)} " \
-            "were sent" in answer["error"]
+        assert status == 422 and ("/generate takes 9 values (prompt, width, height, steps, seed, num_images, "
+                                  f"guidance_scale, negative_prompt, loras); {len(data)} were sent") in answer["error"]
     status, answer = post_json(server.url + "gradio_api/queue/join", {
         "data": ["a cat"], "fn_index": generate_fn_index(server), "session_hash": "s"})
-    assert status == 422 and "1 were sent" in answer["error"]
+    assert status == 422 and "/generate takes 9 values" in answer["error"] and "1 were sent" in answer["error"]
     assert server.metric('zimage_requests_total{outcome="invalid"}') == invalid_before + 3
     assert "Traceback" not in server.log()
 
@@ -397,3 +397,97 @@ def test_sigterm_cancels_a_job_that_outlasts_the_shutdown_bound(data_dir: Path, 
         assert "outlasted the 1 s shutdown bound" in log and '"outcome": "cancelled"' in log
     finally:
         srv.stop()
+
+
+def test_image_to_image_and_inpainting_over_the_api(server, tmp_path: Path) -> None:
+    import hashlib
+
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    source, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (300, 200), (220, 30, 30)).save(source)
+    painted = Image.new("L", (300, 200), 0)
+    painted.paste(255, (50, 50, 150, 150))
+    painted.save(mask)
+    c = client(server, tmp_path)
+    gallery, info = c.predict("a cat", handle_file(str(source)), 0.5, 256, 256, 4, 3, 1, api_name="/img2img")
+    assert info["mode"] == "img2img" and info["steps"] == 4
+    assert "in.png is 300x200: it was resized to 256x256" in info["warnings"][0]  # said, not silent
+    meta = read_metadata(Path(image_path((gallery, info))))
+    assert meta["strength"] == 0.5 and meta["inputs"] == [
+        {"name": "in.png", "sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "role": "image"}]
+    gallery, info = c.predict("a cat", handle_file(str(source)), handle_file(str(mask)), 1.0, 256, 256, 4, 3, 1,
+                              api_name="/inpaint")
+    assert info["mode"] == "inpaint"
+    assert [(entry["name"], entry["role"]) for entry in read_metadata(Path(image_path((gallery, info))))["inputs"]] \
+        == [("in.png", "image"), ("mask.png", "mask")]
+    Image.new("L", (300, 200), 0).save(mask)  # nothing to repaint
+    with pytest.raises(AppError, match="mask.png is all black"):
+        c.predict("a cat", handle_file(str(source)), handle_file(str(mask)), 1.0, 256, 256, 4, 3, 1,
+                  api_name="/inpaint")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(AppError, match="notes.png is not a PNG, JPEG or WebP image"):
+        c.predict("a cat", handle_file(str(tmp_path / "notes.png")), 0.5, 256, 256, 4, 3, 1, api_name="/img2img")
+
+
+def test_a_file_path_that_was_not_uploaded_is_never_read(server) -> None:
+    """Gradio copies file records' paths into its cache before any handler runs, unchecked for a mounted app: a
+    client naming a file of the server (or a URL to fetch) is refused before Gradio sees the call."""
+    invalid_before = server.metric('zimage_requests_total{outcome="invalid"}')
+    paths = ("/etc/hostname", str(server.outputs / ".." / "app.log"), "http://127.0.0.1:9/x.png")
+    for path in paths:
+        record = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        status, answer = post_json(server.url + "gradio_api/call/img2img", {"data": [
+            "a cat", record, 0.5, 256, 256, 2, 1, 1, 0.0, "", []]})
+        assert status == 422 and "was not uploaded to this server" in answer["error"], answer
+        status, answer = post_json(server.url + "gradio_api/queue/join", {  # nested, as an editor sends it
+            "data": ["a cat", {"background": record, "layers": [record]}], "fn_index": 0, "session_hash": "s"})
+        assert status == 422 and "was not uploaded to this server" in answer["error"], answer
+    assert server.metric('zimage_requests_total{outcome="invalid"}') == invalid_before + 2 * len(paths)
+    assert not list(server.outputs.parent.joinpath("gradio-cache").rglob("hostname"))
+    assert "Traceback" not in server.log()
+
+
+def test_controlnet_loras_and_the_lora_list_over_the_api(data_dir: Path, tmp_path: Path) -> None:
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from zimage.lora import write_demo_lora
+
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    write_demo_lora(lora_dir / "style.safetensors", "comfyui", seed=3)
+    (lora_dir / "old.ckpt").write_bytes(b"pickle")
+    srv = start_server(tmp_path, data_dir, "--lora-dir", str(lora_dir))
+    try:
+        c = Client(srv.url, verbose=False, download_files=str(tmp_path))
+        listing = {entry["name"]: entry for entry in c.predict(api_name="/loras")}
+        assert listing["style"]["fits"] and listing["style"]["format"] == "comfyui"
+        assert not listing["old"]["fits"] and listing["old"]["problem"]
+        base = c.predict("a cat", 256, 256, 3, 5, 1, api_name="/generate")
+        styled = c.predict("a cat", 256, 256, 3, 5, 1, loras=[{"name": "style", "weight": 1.5}], api_name="/generate")
+        again = c.predict("a cat", 256, 256, 3, 5, 1, api_name="/generate")
+        pixels = [np.asarray(Image.open(image_path(result))) for result in (base, styled, again)]
+        assert not np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[0], pixels[2])
+        meta = read_metadata(Path(image_path(styled)))
+        assert [(entry["name"], entry["weight"]) for entry in meta["loras"]] == [("style", 1.5)]
+        assert styled[1]["loras"][0]["sha256"] == meta["loras"][0]["sha256"]
+        for bad, message in (([{"name": "old"}], "old"), ([{"name": "style", "weight": 3}], "weight"),
+                             ("style", "must be a list")):
+            with pytest.raises(AppError, match=message):
+                c.predict("a cat", 256, 256, 3, 5, 1, loras=bad, api_name="/generate")
+        control = tmp_path / "edges.png"
+        Image.new("RGB", (256, 256), 0).save(control)
+        gallery, info = c.predict("a cat", handle_file(str(control)), 0.75, 256, 256, 3, 5, 1, api_name="/controlnet")
+        assert info["mode"] == "controlnet"
+        mask = tmp_path / "mask.png"
+        Image.new("L", (256, 256), 255).save(mask)
+        gallery, info = c.predict("a cat", handle_file(str(control)), 0.75, 256, 256, 3, 5, 1,
+                                  image=handle_file(str(control)), mask=handle_file(str(mask)), api_name="/controlnet")
+        assert info["mode"] == "controlnet_inpaint"
+        assert [entry["role"] for entry in read_metadata(Path(image_path((gallery, info))))["inputs"]] == [
+            "image", "control_image", "mask"]
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()

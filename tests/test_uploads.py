@@ -98,3 +98,38 @@ def test_strokes_on_a_transparent_layer_are_a_mask_and_an_empty_mask_is_refused(
     assert read.image.getpixel((5, 5)) == 255 and read.image.getpixel((60, 5)) == 0
     with pytest.raises(ValidationError, match="all black: paint"):
         read_mask(encoded(Image.new("L", (64, 64), 0), "PNG"), "empty.png", max_bytes=MB, size=(64, 64))
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((330, 250), (336, 256)),       # rounded to multiples of 16
+    ((1024, 1024), (1024, 1024)),   # already valid
+    ((4000, 3000), (2048, 1536)),   # too large: scaled down, aspect kept
+    ((100, 80), (320, 256)),        # too small: scaled up to the minimum side
+    ((3000, 100), (2048, 256)),     # extreme panorama: each side clamped
+])
+def test_nearest_valid_size_keeps_the_aspect_within_the_limits(size, expected) -> None:
+    from zimage.uploads import nearest_valid_size
+
+    assert nearest_valid_size(*size) == expected
+
+
+def test_a_mask_from_painted_layers_is_their_union() -> None:
+    from zimage.uploads import read_layers_mask
+
+    first, second = Image.new("RGBA", (64, 64), (0, 0, 0, 0)), Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    first.paste((255, 255, 255, 255), (0, 0, 16, 16))
+    second.paste((10, 10, 10, 200), (64, 64, 128, 128))  # a second layer at twice the size, any colour
+    mask = read_layers_mask([(encoded(first, "PNG"), "layer 1"), (encoded(second, "PNG"), "layer 2")],
+                            max_bytes=MB, size=(32, 32)).image
+    assert mask.size == (32, 32) and mask.mode == "L"
+    assert mask.getpixel((2, 2)) == 255 and mask.getpixel((20, 20)) == 255 and mask.getpixel((20, 2)) == 0
+    assert set(mask.getdata()) == {0, 255}
+
+
+def test_an_editor_with_nothing_painted_is_refused() -> None:
+    from zimage.uploads import read_layers_mask
+
+    empty = encoded(Image.new("RGBA", (64, 64), (0, 0, 0, 0)), "PNG")
+    for layers in ([], [(empty, "layer 1")]):
+        with pytest.raises(ValidationError, match="no area is painted"):
+            read_layers_mask(layers, max_bytes=MB, size=(64, 64))

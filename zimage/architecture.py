@@ -1,8 +1,9 @@
 """Z-Image-Turbo's architecture as configs, and a builder of random-weight pipelines from them.
 
 :data:`PUBLISHED` holds the configs of the published model files (transformer, Qwen3-4B text
-encoder, Flux VAE, scheduler); built on the meta device they count exactly the parameters in
-:data:`zimage.planner.PUBLISHED_SIZES` (pinned by a test). :data:`TINY` is the demo model: the same
+encoder, Flux VAE, scheduler) and of the ControlNet Union 2.1; built on the meta device they count exactly the
+parameters in :data:`zimage.planner.PUBLISHED_SIZES` and :data:`zimage.planner.PUBLISHED_CONTROLNET` (pinned by a
+test). :data:`TINY` is the demo model: the same
 classes at toy sizes. :func:`build_random_pipeline` turns either into a ``ZImagePipeline`` with
 random weights: the demo model on the CPU, and the full-size model on a GPU for the benchmark
 (``benchmarks/gpu_profiles.py``), so memory and speed are measured without downloading weights.
@@ -24,6 +25,8 @@ class Architecture:
     vae: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: {
         "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False})
+    #: ``ZImageControlNetModel`` arguments of a ControlNet that fits this transformer (dim, heads, refiner layers).
+    controlnet: dict[str, Any] = field(default_factory=dict)
 
 
 PUBLISHED = Architecture(
@@ -45,6 +48,17 @@ PUBLISHED = Architecture(
         "layers_per_block": 2, "norm_num_groups": 32, "latent_channels": 16, "sample_size": 1024,
         "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False,
         "mid_block_add_attention": True,
+    },
+    # alibaba-pai's Z-Image-Turbo Fun ControlNet Union 2.1, the config diffusers maps that checkpoint to
+    # (hlky/Z-Image-Turbo-Fun-Controlnet-Union-2.1/config.json, as published): control blocks beside every second
+    # transformer layer (15) and 2 control noise-refiner blocks, control input = 16 latent channels + 1 mask + 16
+    # masked-image channels. Counted on the meta device: 3,356,225,792 parameters, 6.71 GB in bf16 (the published
+    # checkpoint file is 6.71 GB).
+    controlnet={
+        "control_layers_places": list(range(0, 30, 2)), "control_refiner_layers_places": [0, 1],
+        "control_in_dim": 33, "add_control_noise_refiner": "control_noise_refiner", "all_patch_size": (2,),
+        "all_f_patch_size": (1,), "dim": 3840, "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30,
+        "norm_eps": 1e-5, "qk_norm": True,
     },
 )
 
@@ -72,6 +86,14 @@ TINY = Architecture(
         # As the real VAE: tiling then works (a small sample_size makes GroupNorm fail on 1x1 tiles).
         "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
         "use_post_quant_conv": False,
+    },
+    # The Union 2.1 structure at the tiny transformer's size: a control block beside both transformer layers, one
+    # control refiner block (the tiny transformer has one refiner layer), control_in_dim 33 so that both the
+    # ControlNet and the ControlNet-inpainting pipelines accept it.
+    controlnet={
+        "control_layers_places": [0, 1], "control_refiner_layers_places": [0], "control_in_dim": 33,
+        "add_control_noise_refiner": "control_noise_refiner", "all_patch_size": (2,), "all_f_patch_size": (1,),
+        "dim": 32, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "norm_eps": 1e-5, "qk_norm": True,
     },
 )
 
@@ -110,10 +132,34 @@ def build_random_pipeline(arch: Architecture, tokenizer: Any, seed: int = 0) -> 
                           **components)
 
 
+def build_controlnet(arch: Architecture, *, seed: int = 0, steer: bool = False) -> Any:
+    """A ``ZImageControlNetModel`` of ``arch.controlnet`` with random weights drawn from ``seed``.
+
+    diffusers creates its ``before_proj``/``after_proj`` layers zeroed (a new ControlNet starts with no effect, as
+    for training). ``steer=True`` draws them at random too, so that the demo ControlNet changes the image (the tests
+    and the page can see that the control image reaches the transformer).
+    """
+    import torch
+    from diffusers import ZImageControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ZImageControlNetModel(**arch.controlnet)
+    if steer:
+        with torch.no_grad():
+            for name, module in controlnet.named_modules():
+                if name.endswith(("before_proj", "after_proj")):
+                    torch.nn.init.normal_(module.weight, std=0.05)
+    return controlnet
+
+
 def parameter_counts(arch: Architecture, vocab_size: int = 151936) -> dict[str, int]:
     """Parameters per component, counted on the meta device (no memory, no weights)."""
     import torch
 
     with torch.device("meta"):
         components = build_components(arch, vocab_size)
-    return {name: sum(p.numel() for p in module.parameters()) for name, module in components.items()}
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in components.items()}
+    if arch.controlnet:
+        with torch.device("meta"):
+            counts["controlnet"] = sum(p.numel() for p in build_controlnet(arch).parameters())
+    return counts

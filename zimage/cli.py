@@ -1,4 +1,4 @@
-"""Command line: ``python -m zimage generate | plan | make-demo``."""
+"""Command line: ``python -m zimage generate | plan | make-demo | loras | make-demo-lora``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from .planner import GIB, PlanError, RequestSize
 from .settings import SettingsError, add_settings_arguments, settings_from_args
 
 _ENGINE_SETTINGS = ("model", "demo", "dtype", "device", "memory_profile", "memory_options", "auto_fp8",
-                    "reserve_mb", "outputs_dir", "data_dir", "log_prompts", "max_upload_mb", "recovery_fp8")
+                    "reserve_mb", "outputs_dir", "data_dir", "log_prompts", "max_upload_mb", "recovery_fp8",
+                    "lora_dir", "controlnet", "model_family")
+_LORA_SETTINGS = ("model", "demo", "data_dir", "lora_dir")
 _PLAN_SETTINGS = ("model", "demo", "dtype", "device", "memory_profile", "memory_options", "auto_fp8",
-                  "reserve_mb", "data_dir")
+                  "reserve_mb", "data_dir", "controlnet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="Seed for repeatable images (default: random).")
     gen.add_argument("--width", type=int, default=DEFAULT_SIDE_PX, help="Width in pixels, multiple of 16.")
     gen.add_argument("--height", type=int, default=DEFAULT_SIDE_PX, help="Height in pixels, multiple of 16.")
-    gen.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Denoising steps (default {DEFAULT_STEPS}).")
-    gen.add_argument("--guidance", type=float, default=0.0, help="Guidance scale (Turbo: 0).")
+    gen.add_argument("--steps", type=int, default=None,
+                     help=f"Denoising steps (default: the model's, {DEFAULT_STEPS} for Turbo, 28 for Z-Image base).")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="Guidance scale (default: the model's, 0 for Turbo, 4 for Z-Image base; > 0 runs "
+                          "classifier-free guidance at twice the cost).")
+    gen.add_argument("--negative-prompt", default="", metavar="TEXT",
+                     help="What the image should not show; used only with guidance > 0.")
     gen.add_argument("--num-images", type=int, default=1, help=f"Images to generate, 1-{MAX_IMAGES}.")
     gen.add_argument("--image", type=Path, help="Image-to-image: start from this PNG/JPEG/WebP (resized to --width x "
                                                "--height if it differs).")
     gen.add_argument("--mask", type=Path, help="Inpainting: repaint the white area of this mask (needs --image).")
     gen.add_argument("--strength", type=float, default=None,
                      help="How much of the input is repainted, (0, 1] (default 0.6 image-to-image, 1.0 inpainting).")
+    gen.add_argument("--control-image", type=Path, metavar="C.png",
+                     help="ControlNet: steer by this control image (a pose, edge or depth map; resized to --width x "
+                          "--height). With --image and --mask: ControlNet inpainting. Needs a ControlNet "
+                          "(--controlnet; --demo has one).")
+    gen.add_argument("--controlnet-scale", type=float, default=None, metavar="S",
+                     help="How strongly the control image steers, 0 to 2 (default 0.75).")
+    gen.add_argument("--lora", action="append", type=_lora_arg, default=None, metavar="NAME[:WEIGHT]",
+                     help="A LoRA from the LoRA folder (its file name without .safetensors) and its weight, -2 to 2 "
+                          "(default 1); repeat for up to 4. `python -m zimage loras` lists them.")
     where = gen.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, help="Save the (first) image under this file name.")
     where.add_argument("--out-dir", type=Path, help="Save into this folder (default: the outputs folder).")
@@ -62,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("make-demo", help="Write the tiny demo model as a diffusers folder.")
     demo.add_argument("dir", type=Path, help="Folder to create.")
+
+    loras = sub.add_parser("loras", help="List the LoRA folder: name, size, format and whether each fits this model.",
+                           description="List the LoRA files (.safetensors; pickles are listed as refused) and whether "
+                                       "each fits the configured model, reading only file headers.")
+    loras.add_argument("--json", action="store_true", help="Print a JSON list of {name, size_bytes, fits, problem, "
+                                                           "format}.")
+    add_settings_arguments(loras, _LORA_SETTINGS)
+
+    demo_lora = sub.add_parser("make-demo-lora", help="Write a tiny random LoRA for the demo model.",
+                               description="Write a random LoRA for the demo model's transformer in one of the key "
+                                           "formats the server reads; the same seed gives the same file.")
+    demo_lora.add_argument("file", type=Path, help="File to create, ending in .safetensors (e.g. in the LoRA folder).")
+    demo_lora.add_argument("--format", required=True, choices=("peft", "comfyui", "kohya"),
+                           help="Key format: peft (diffusers), comfyui (diffusion_model. prefix) or kohya "
+                                "(lora_unet_ with alpha).")
+    demo_lora.add_argument("--seed", type=int, default=0, help="Seed of the random weights (default 0).")
     return parser
 
 
@@ -74,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             return _make_demo(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "loras":
+            return _loras(args)
+        if args.command == "make-demo-lora":
+            return _make_demo_lora(args)
         return _generate(args)
     except (SettingsError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -101,9 +137,67 @@ def _make_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``--lora NAME[:WEIGHT]``; bad syntax is argparse's error (exit 2); the range is checked with the request."""
+    from .lora import parse_lora_arg
+
+    try:
+        return parse_lora_arg(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _loras(args: argparse.Namespace) -> int:
+    from .logs import quiet_libraries
+    from .service import GenerationService
+
+    quiet_libraries()  # nothing is logged worth a handler; only the libraries' own chatter is silenced
+    settings = settings_from_args(args)
+    files = GenerationService(settings).list_loras()  # judged against the configured model; nothing is loaded
+    if args.json:
+        print(json.dumps([item.info() for item in files], indent=2, ensure_ascii=False))
+        return 0
+    if not files:
+        print(f"no LoRA files in {settings.lora_folder}: put .safetensors LoRAs there (or set --lora-dir / "
+              "ZIMAGE_LORA_DIR).", file=sys.stderr)
+        return 0
+    width = max(len(item.name) for item in files)
+    print(f"{'NAME':<{width}}  {'SIZE':>9}  {'FORMAT':<8}  FITS")
+    for item in files:
+        fits = "yes" if item.fits else f"no: {item.problem}"
+        print(f"{item.name:<{width}}  {_size_text(item.size_bytes):>9}  {item.format:<8}  {fits}")
+    return 0
+
+
+def _size_text(size_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:.1f} {unit}"
+    return f"{size_bytes} B"
+
+
+def _make_demo_lora(args: argparse.Namespace) -> int:
+    from .lora import SAFETENSORS_SUFFIX, write_demo_lora
+
+    if args.file.suffix != SAFETENSORS_SUFFIX:
+        print(f"error: {args.file} does not end in {SAFETENSORS_SUFFIX}: the server reads only .safetensors LoRAs.",
+              file=sys.stderr)
+        return 2
+    if args.file.exists():
+        print(f"error: {args.file} exists: choose a new file name.", file=sys.stderr)
+        return 2
+    try:
+        args.file.parent.mkdir(parents=True, exist_ok=True)  # e.g. the default LoRA folder on a fresh machine
+        write_demo_lora(args.file, args.format, args.seed)
+    except OSError as exc:
+        print(f"error: {args.file} cannot be written ({exc.strerror}): choose another place.", file=sys.stderr)
+        return 2
+    print(args.file)
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
-    from .loader import component_sizes, plan_for, resolve_model_source
-    from .model_files import sizes_for
+    from .loader import component_sizes, plan_for, resolve_controlnet_source, resolve_model_source
     from .planner import hypothetical_devices
 
     settings = settings_from_args(args)
@@ -114,12 +208,15 @@ def _plan(args: argparse.Namespace) -> int:
 
         devices = probe_devices()
     if settings.demo:
-        sizes = component_sizes(resolve_model_source(settings))
+        source = resolve_model_source(settings)
     else:
         # Never download for a plan: real headers if the model is on disk, else published sizes.
+        from .loader import ModelSource
         from .model_files import find_local_model_folder
 
-        sizes = sizes_for(settings.model, find_local_model_folder(settings.model))
+        source = ModelSource(settings.model, settings.model, find_local_model_folder(settings.model))
+    # With a ControlNet its own weights count too (resident under full; for its requests under offload).
+    sizes = component_sizes(source, resolve_controlnet_source(settings, source))
     request = RequestSize(args.width, args.height, args.num_images)
     plan = plan_for(settings, devices, sizes, request)
     if args.json:
@@ -139,31 +236,28 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _read_inputs(args: argparse.Namespace, settings) -> tuple:
-    """The --image and --mask files, read safely and fitted to the requested size; (image, mask, inputs, notes)."""
+    """The --image, --mask and --control-image files, read safely and fitted to the requested size;
+    (image, mask, control image, inputs, notes). ``inputs`` holds (file name, sha256, role) for the PNG metadata."""
     from .errors import ValidationError
-    from .uploads import fit_to_size, read_image, read_mask
+    from .uploads import prepare_inputs
 
     if args.mask is not None and args.image is None:
         raise ValidationError("--mask needs --image (the picture whose white-masked area is repainted).")
-    if args.image is None:
-        return None, None, (), []
-    limit = settings.max_upload_mb * 2**20
+    if args.image is None and args.control_image is None:
+        return None, None, None, (), []
 
-    def data(path: Path) -> bytes:
+    def data(path: Path | None) -> tuple[bytes, str] | None:
+        if path is None:
+            return None
         try:
-            return path.read_bytes()
+            return path.read_bytes(), path.name
         except OSError as exc:
             raise ValidationError(f"{path} cannot be read ({exc.strerror}): check the path.") from None
 
-    source = read_image(data(args.image), args.image.name, max_bytes=limit)
-    image, note = fit_to_size(source.image, args.width, args.height, args.image.name)
-    inputs, notes = [(args.image.name, source.sha256)], [note] if note else []
-    mask = None
-    if args.mask is not None:
-        read = read_mask(data(args.mask), args.mask.name, max_bytes=limit, size=(args.width, args.height))
-        mask = read.image
-        inputs.append((args.mask.name, read.sha256))
-    return image, mask, tuple(inputs), notes
+    read = prepare_inputs(args.width, args.height, max_bytes=settings.max_upload_mb * 2**20, image=data(args.image),
+                          mask=data(args.mask), control_image=data(args.control_image))
+    return (read.fields.get("image"), read.fields.get("mask"), read.fields.get("control_image"), read.inputs,
+            list(read.notes))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -178,13 +272,26 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.out is not None:
         overrides["outputs_dir"] = args.out.parent if str(args.out.parent) else Path(".")
     settings = settings_from_args(args, **overrides)
-    image, mask, inputs, notes = _read_inputs(args, settings)  # before the model loads: bad files fail fast
+    image, mask, control, inputs, notes = _read_inputs(args, settings)  # before the model loads: bad files fail fast
+    if control is not None and not settings.controlnet_choice:
+        from .errors import ValidationError
+
+        raise ValidationError("--control-image needs a ControlNet: add --controlnet ID_OR_PATH (e.g. "
+                              "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1; --demo has its own).")
     service = GenerationService(settings, store=OutputStore(settings.outputs_dir))
+    if args.lora:  # before the model loads: a LoRA that is missing or made for another model fails fast
+        from .lora import validate_loras
+
+        service.check_loras(validate_loras(tuple(args.lora)))
     if not args.quiet:
         print(f"loading {settings.model_source} ...", file=sys.stderr)
     service.load()
     if not args.quiet:
         print(f"memory plan: {service.plan.describe()} ({service.plan.reason})", file=sys.stderr)
+        if args.steps is None or args.guidance is None:
+            defaults = service.defaults
+            print(f"defaults of {defaults.label}: {defaults.steps} steps, guidance {defaults.guidance_scale:g} "
+                  f"({defaults.reason})", file=sys.stderr)
 
     shown: list[str] = []
 
@@ -204,7 +311,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     request = GenerationRequest(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
                                 guidance_scale=args.guidance, seed=args.seed, num_images=args.num_images,
-                                image=image, mask=mask, strength=args.strength, inputs=inputs)
+                                image=image, mask=mask, strength=args.strength, inputs=inputs,
+                                loras=tuple(args.lora or ()), negative_prompt=args.negative_prompt,
+                                control_image=control, controlnet_conditioning_scale=args.controlnet_scale)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     job = service.submit(request, on_progress=progress)

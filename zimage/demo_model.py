@@ -7,6 +7,10 @@ loader, the memory plans and the service run the same code paths as on the real 
 sizes are tiny, the weights are random (its images are noise), and the tokenizer is a small
 byte-level BPE trained in memory with a Qwen-style chat template, because nothing can be downloaded.
 
+Beside the pipeline, ``controlnet/`` holds a tiny ``ZImageControlNetModel`` (the Union 2.1 structure at the demo
+transformer's size, :data:`zimage.architecture.TINY`), so that the ControlNet modes can be tried with ``--demo``.
+It is not part of ``model_index.json``: the pipeline loads without it and the service loads it on its own.
+
 Building takes a few seconds; the result is a normal diffusers folder, cached and reused.
 """
 
@@ -19,10 +23,12 @@ import tempfile
 from pathlib import Path
 
 #: Bump when the demo architecture changes, so an old cached folder is rebuilt, not reused.
-DEMO_MODEL_VERSION = 1
+DEMO_MODEL_VERSION = 2  # 2: a ControlNet in controlnet/
 DEMO_MODEL_DIRNAME = f"demo-model-v{DEMO_MODEL_VERSION}"
 #: Written last into a finished folder: a folder without it is an interrupted build.
 _COMPLETE_MARKER = "zimage-demo.json"
+#: The demo ControlNet's subfolder (a diffusers model folder: config.json + weights).
+DEMO_CONTROLNET_DIRNAME = "controlnet"
 
 # Qwen3's chat template reduced to what ZImagePipeline uses (user message, generation prompt,
 # enable_thinking), so the pipeline formats prompts exactly as it does for the real tokenizer.
@@ -80,10 +86,16 @@ def ensure_demo_model(data_dir: Path) -> Path:
 
 
 def build_demo_model(out_dir: Path, seed: int = 0) -> Path:
-    """Build the tiny pipeline with a fixed seed and save it as a diffusers folder in ``out_dir``."""
+    """Build the tiny pipeline and its ControlNet with a fixed seed and save them as a diffusers folder in
+    ``out_dir`` (the ControlNet in ``controlnet/``)."""
+    from .architecture import TINY, build_controlnet
+
     pipe = build_demo_pipeline(seed=seed)
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    # Saved on its own, before any ControlNet pipeline attaches the transformer's modules to it.
+    build_controlnet(TINY, seed=seed + 1, steer=True).save_pretrained(out_dir / DEMO_CONTROLNET_DIRNAME,
+                                                                       safe_serialization=True)
     (out_dir / _COMPLETE_MARKER).write_text(
         json.dumps({"demo_model_version": DEMO_MODEL_VERSION, "seed": seed,
                     "note": "random weights: images are noise"}) + "\n",

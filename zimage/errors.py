@@ -52,3 +52,8 @@ class StorageError(ZImageError):
 
     The message names the folder, the cause in words and what to do; no image of the request was kept.
     """
+
+
+class LoraError(ValidationError):
+    """A LoRA adapter cannot be used: not in the LoRA folder, not a .safetensors file, made for another model or
+    size, or refused by the memory placement. The message names the file and, where known, what it was made for."""

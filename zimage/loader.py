@@ -4,19 +4,44 @@
 own placement calls (``.to``, ``enable_model_cpu_offload``, ``enable_group_offload``,
 ``enable_sequential_cpu_offload``, ``enable_layerwise_casting``, ``vae.enable_tiling``). It never
 calls an offload API for a CPU plan: diffusers needs an accelerator for those.
+
+The ControlNet (``--controlnet``) is loaded beside the pipeline (:func:`load_controlnet`) and placed in two
+steps, because diffusers' ControlNet pipelines attach the transformer's embedders and refiner blocks to it
+(``ZImageControlNetModel.from_transformer``) when they are built:
+
+* at load, on the ControlNet alone: fp8 storage (``enable_layerwise_casting``; after the attachment it would
+  meet the transformer's own casting hooks and raise), and ``.to(device)`` for ``full``/``balanced``/``cpu``;
+* once a ControlNet pipeline is built over the loaded components (:func:`place_mode_pipeline`), the offload
+  profiles: ``enable_model_cpu_offload`` called again on that pipeline (diffusers then hooks the ControlNet on
+  its own, as it does for every model outside ``model_cpu_offload_seq = "text_encoder->transformer->vae"``), or
+  ``enable_group_offload`` on the ControlNet (block level, one block at a time, no stream: its control blocks
+  are offloaded like the transformer's; the transformer's blocks it borrows keep the transformer's hooks, and
+  the small modules it calls outside the transformer's forward (timestep and patch embedders, pad tokens) join
+  its own top-level group, so they are on the GPU when it runs). Sequential offload cannot carry a ControlNet in
+  diffusers 0.42.1 (:data:`SEQUENTIAL_CONTROLNET`): its requests are refused there, and the out-of-memory
+  ladder skips that rung for them.
+
+Everything else survives building a mode pipeline from ``base.components``: accelerate's and diffusers' hooks
+and fp8 storage live on the module objects, which the mode pipelines share (checked on the CPU in
+tests/test_controlnet.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .demo_model import ensure_demo_model
+from .demo_model import DEMO_CONTROLNET_DIRNAME, demo_model_path, ensure_demo_model
 from .errors import ModelNotFoundError
-from .model_files import find_local_model_folder, looks_like_local_path, sizes_for
+from .model_family import ModelDefaults, defaults_for, detect_family
+from .model_files import controlnet_stats, find_local_model_folder, looks_like_local_path, sizes_for
 from .planner import (
+    PUBLISHED_CONTROLNET,
+    PUBLISHED_CONTROLNET_HINTS,
     VAE_TILE_PX,
     ComponentSizes,
     DeviceFacts,
@@ -24,6 +49,7 @@ from .planner import (
     PlanError,
     RequestSize,
     plan_memory,
+    with_controlnet,
 )
 from .settings import Settings
 
@@ -63,9 +89,228 @@ def _not_found_message(model: str, cause: str) -> str:
             f"with --model), or run with --demo to try the service on the built-in demo model.")
 
 
-def component_sizes(source: ModelSource) -> ComponentSizes:
-    """Sizes for the planner: from the safetensors headers when on disk, else published sizes."""
-    return sizes_for(source.pretrained, source.folder)
+def component_sizes(source: ModelSource, controlnet: ControlNetSource | None = None) -> ComponentSizes:
+    """Sizes for the planner: from the safetensors headers when on disk, else published sizes; with the
+    ControlNet's own weights when one is configured (its files' headers, else the published Union 2.1 size)."""
+    sizes = sizes_for(source.pretrained, source.folder)
+    if controlnet is None:
+        return sizes
+    if controlnet.local is not None:
+        try:
+            stats, hints = controlnet_stats(controlnet.local)
+            return with_controlnet(sizes, stats, hints, f"safetensors headers of {controlnet.local.name}")
+        except (OSError, ValueError, KeyError):
+            pass
+    return with_controlnet(sizes, PUBLISHED_CONTROLNET, PUBLISHED_CONTROLNET_HINTS,
+                           "published size of the Z-Image-Turbo Fun ControlNet Union 2.1 (the largest)")
+
+
+# --- Model family: the request defaults --------------------------------------------------------------------
+
+def model_defaults(settings: Settings, source: ModelSource | None = None) -> ModelDefaults:
+    """The request defaults of the configured model (:mod:`zimage.model_family`), from ``--model-family``, the
+    ``shift`` in its ``scheduler/scheduler_config.json`` when the folder is on this machine, then its name.
+
+    Never downloads and never fails: an unreadable config only means the name decides.
+    """
+    if source is not None:
+        folder, name = source.folder, (source.label if not source.is_demo else "demo")
+    elif settings.demo:
+        folder, name = demo_model_path(settings.data_dir), "demo"
+    else:
+        folder, name = find_local_model_folder(settings.model), settings.model
+    family, reason = detect_family(settings.model_family, name, _scheduler_shift(folder))
+    return defaults_for(family, reason)
+
+
+def _scheduler_shift(folder: Path | None) -> float | None:
+    if folder is None:
+        return None
+    try:
+        config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        return float(config["shift"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# --- ControlNet -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ControlNetSource:
+    """Where the ControlNet comes from: a local folder or file, a hub repository, or one file of a hub repository
+    (``owner/name/FILE.safetensors``); ``local`` is set when its weights are on this machine (sizes are read there)."""
+
+    pretrained: str
+    label: str
+    local: Path | None
+    is_demo: bool = False
+
+
+def resolve_controlnet_source(settings: Settings, model: ModelSource | None = None) -> ControlNetSource | None:
+    """The configured ControlNet, or None. Never downloads; raises :class:`ModelNotFoundError` for a local path
+    that does not exist or holds no weights."""
+    choice = settings.controlnet_choice
+    if not choice:
+        return None
+    if choice == "demo":
+        folder = (model.folder if model is not None and model.folder is not None
+                  else demo_model_path(settings.data_dir)) / DEMO_CONTROLNET_DIRNAME
+        return ControlNetSource(str(folder), "demo ControlNet (random weights)", folder, is_demo=True)
+    path = Path(choice).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
+            raise ModelNotFoundError(_controlnet_message(choice, "the folder has neither a config.json nor a "
+                                                                 ".safetensors file"))
+        return ControlNetSource(str(path), choice, path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelNotFoundError(_controlnet_message(choice, "a ControlNet checkpoint must be a .safetensors file"))
+        return ControlNetSource(str(path), choice, path)
+    if _HUB_FILE.match(choice) is None and looks_like_local_path(choice):
+        raise ModelNotFoundError(_controlnet_message(choice, "no such file or folder"))
+    cached = find_local_model_folder(choice.rsplit("/", 1)[0] if _HUB_FILE.match(choice) else choice)
+    if cached is not None and _HUB_FILE.match(choice):
+        cached = cached / choice.rsplit("/", 1)[1] if (cached / choice.rsplit("/", 1)[1]).is_file() else None
+    elif cached is not None and not any(cached.glob("*.safetensors")):
+        cached = None  # only its json files are cached
+    return ControlNetSource(choice, choice, cached)
+
+
+#: ``owner/name/FILE.safetensors``: one checkpoint of a hub repository holding several (alibaba-pai publishes
+#: the Union ControlNets as single files, some repositories with several versions).
+_HUB_FILE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+/[^/]+\.safetensors$")
+
+
+def choose_controlnet_file(files: list[str], repo: str) -> str | None:
+    """What to load from a hub repository listing ``files``: None for a diffusers model folder (``config.json``
+    at its root: ``from_pretrained``), else its one top-level ``.safetensors`` checkpoint (``from_single_file``).
+
+    Raises :class:`ModelNotFoundError` naming the checkpoints when there are several, or none.
+    """
+    if "config.json" in files:
+        return None
+    checkpoints = sorted(f for f in files if f.endswith(".safetensors") and "/" not in f)
+    if len(checkpoints) == 1:
+        return checkpoints[0]
+    if not checkpoints:
+        raise ModelNotFoundError(_controlnet_message(repo, "the repository has neither a config.json nor a "
+                                                           ".safetensors checkpoint at its root"))
+    shown = ", ".join(checkpoints[:8]) + (", ..." if len(checkpoints) > 8 else "")
+    raise ModelNotFoundError(f"ControlNet {repo!r} holds several checkpoints ({shown}): pick one with --controlnet "
+                             f"{repo}/<file>, e.g. --controlnet {repo}/{checkpoints[-1]}.")
+
+
+def _controlnet_message(controlnet: str, cause: str) -> str:
+    return (f"ControlNet {controlnet!r} could not be loaded ({cause}). Give a diffusers folder (config.json and "
+            "weights), a .safetensors checkpoint, or a hub id such as "
+            "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1 (or owner/name/FILE.safetensors); --controlnet none "
+            "runs without one.")
+
+
+def load_controlnet(source: ControlNetSource, plan: MemoryPlan, pipe: Any) -> Any:
+    """Load the ControlNet in the plan's dtype and do the placement that must happen before a pipeline attaches
+    the transformer's modules to it (see the module docstring); the offload profiles follow in
+    :func:`place_mode_pipeline`.
+
+    diffusers documents two forms: ``ZImageControlNetModel.from_single_file`` for alibaba-pai's published
+    checkpoints (one ``.safetensors`` file; diffusers fetches the matching config from the hub the first time,
+    hlky/Z-Image-Turbo-Fun-Controlnet-Union-*), and ``from_pretrained`` for a diffusers folder (the demo's).
+    Raises :class:`ModelNotFoundError` with the cause when it cannot be loaded.
+    """
+    import torch
+    from diffusers import ZImageControlNetModel
+
+    dtype = torch_dtype(plan.dtype)
+    try:
+        kind, where = _controlnet_location(source)
+        if kind == "single_file":
+            controlnet = ZImageControlNetModel.from_single_file(where, dtype=dtype)
+        else:
+            controlnet = ZImageControlNetModel.from_pretrained(where, dtype=dtype)
+    except ModelNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(_controlnet_message(source.label, _first_line(exc))) from exc
+    in_channels, control_in = pipe.transformer.config.in_channels, controlnet.config.control_in_dim
+    if control_in < in_channels:
+        raise ModelNotFoundError(_controlnet_message(source.label, f"its control input has {control_in} channels, "
+                                                                   f"fewer than the model's {in_channels} latent ones"))
+    if "fp8-storage" in plan.options:
+        controlnet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    if plan.profile in ("full", "balanced", "cpu"):
+        # Beside the transformer, wherever the plan put it (one GPU, one of several, the CPU): it feeds the
+        # transformer and borrows its modules.
+        controlnet.to(pipe.transformer.device)
+    log.info("ControlNet %s loaded (%s)", source.label, plan.describe())
+    return controlnet
+
+
+def _controlnet_location(source: ControlNetSource) -> tuple[str, str]:
+    """(how, where): ("pretrained", folder or hub id) or ("single_file", checkpoint path) for ``source``;
+    downloads a hub checkpoint (into the Hugging Face cache)."""
+    local = Path(source.pretrained).expanduser()
+    if local.is_file():
+        return "single_file", str(local)
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return "pretrained", str(local)
+        checkpoints = sorted(local.glob("*.safetensors"))
+        if len(checkpoints) != 1:
+            raise ModelNotFoundError(f"ControlNet folder {source.label!r} has {len(checkpoints)} .safetensors "
+                                     "checkpoints and no config.json: give the path of the one to load.")
+        return "single_file", str(checkpoints[0])
+    from huggingface_hub import hf_hub_download
+
+    if _HUB_FILE.match(source.pretrained):
+        repo, filename = source.pretrained.rsplit("/", 1)
+        return "single_file", hf_hub_download(repo, filename)
+    filename = choose_controlnet_file(_repo_files(source.pretrained), source.pretrained)
+    if filename is None:
+        return "pretrained", source.pretrained
+    return "single_file", hf_hub_download(source.pretrained, filename)
+
+
+def _repo_files(repo: str) -> list[str]:
+    """The files of a hub repository: from the hub, or from the local cache when offline."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        return list_repo_files(repo)
+    except Exception:  # noqa: BLE001 - offline or unreachable: what the cache holds is the answer
+        folder = find_local_model_folder(repo)
+        if folder is None:
+            raise ModelNotFoundError(_controlnet_message(repo, "not on this machine and the hub cannot be reached: "
+                                                               "download it first with `hf download`")) from None
+        return [str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()]
+
+
+#: Why ControlNet requests cannot run under sequential offload (checked here on the CPU, where the call itself fails).
+SEQUENTIAL_CONTROLNET = (
+    "the ControlNet cannot run on the sequential-offload placement: diffusers 0.42.1's enable_sequential_cpu_offload "
+    "fails on a Z-Image ControlNet pipeline (the ControlNet shares the transformer's modules, which the transformer's "
+    "offload has already moved to the meta device: 'Cannot copy out of meta tensor'). Use a GPU with more free "
+    "memory, a smaller size, or --memory-profile group-offload.")
+
+
+def place_mode_pipeline(pipe: Any, plan: MemoryPlan) -> None:
+    """Place a ControlNet pipeline just built over the loaded components, for the offload profiles (see the
+    module docstring). Nothing to do for ``full``/``balanced``/``cpu``: :func:`load_controlnet` placed it.
+    Raises :class:`PlanError` for ``sequential-offload`` (:data:`SEQUENTIAL_CONTROLNET`).
+
+    Calling ``enable_model_cpu_offload`` on the mode pipeline re-hooks the shared components too (same device,
+    same behaviour); the base pipeline re-hooks them again at its next ``maybe_free_model_hooks``, so every module
+    always carries exactly one offload hook.
+    """
+    import torch
+
+    if plan.profile == "model-offload":
+        pipe.enable_model_cpu_offload(device=plan.device)
+    elif plan.profile == "sequential-offload":
+        raise PlanError(SEQUENTIAL_CONTROLNET)
+    elif plan.profile == "group-offload":
+        pipe.controlnet.enable_group_offload(onload_device=torch.device(plan.device),
+                                             offload_device=torch.device("cpu"), offload_type="block_level",
+                                             num_blocks_per_group=1, use_stream=False)
 
 
 def plan_for(settings: Settings, devices: DeviceFacts, sizes: ComponentSizes,

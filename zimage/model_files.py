@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from .planner import PUBLISHED_SIZES, ComponentSizes, ComponentStats
@@ -51,34 +52,60 @@ def read_safetensors_header(path: Path) -> dict:
 
 def component_stats(folder: Path) -> ComponentStats:
     """Parameter counts of one component folder, grouped the way offloading moves them."""
-    blocks: Counter[str] = Counter()
-    leaves: Counter[str] = Counter()
-    total = non_block = 0
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {folder}")
-    for file in files:
-        for name, info in read_safetensors_header(file).items():
-            count = 1
-            for dim in info["shape"]:
-                count *= dim
-            total += count
-            parts = name.split(".")
-            # A numbered module (layers.12) is one block for group offloading.
-            block_end = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-            if block_end is None:
-                non_block += count
-            else:
-                blocks[".".join(parts[: block_end + 1])] += count
-            leaves[".".join(parts[:-1])] += count
+    stats = _stats_from_files(files)
     hidden = 0
     config_path = folder / "config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
         hidden = int(config.get("dim") or config.get("hidden_size") or 0)
+    return replace(stats, hidden_size=hidden)
+
+
+def controlnet_stats(path: Path) -> tuple[ComponentStats, int]:
+    """(parameter counts, number of control layers) of a ControlNet, from a diffusers folder (``config.json`` and
+    weights) or a single ``.safetensors`` checkpoint (alibaba-pai's published form), headers only.
+
+    The counts are the ControlNet's own weights; the modules it borrows from the transformer are not in its files.
+    The hidden size comes from the control patch embedding's output (``control_all_x_embedder.*.weight``: dim x in).
+    """
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    headers = {name: info for file in files for name, info in read_safetensors_header(file).items()}
+    stats = _stats_from_headers(headers)
+    layers = {name.split(".")[1] for name in headers if name.startswith("control_layers.")}
+    hidden = next((info["shape"][0] for name, info in headers.items()
+                   if name.startswith("control_all_x_embedder.") and name.endswith(".weight")), 0)
+    return replace(stats, hidden_size=int(hidden)), len(layers)
+
+
+def _stats_from_files(files: list[Path]) -> ComponentStats:
+    return _stats_from_headers({name: info for file in files for name, info in read_safetensors_header(file).items()})
+
+
+def _stats_from_headers(headers: dict) -> ComponentStats:
+    """Counts grouped the way offloading moves them: numbered blocks, everything else, and the largest module."""
+    blocks: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = non_block = 0
+    for name, info in headers.items():
+        count = 1
+        for dim in info["shape"]:
+            count *= dim
+        total += count
+        parts = name.split(".")
+        # A numbered module (layers.12) is one block for group offloading.
+        block_end = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if block_end is None:
+            non_block += count
+        else:
+            blocks[".".join(parts[: block_end + 1])] += count
+        leaves[".".join(parts[:-1])] += count
     return ComponentStats(params=total, largest_block_params=max(blocks.values(), default=0),
-                          non_block_params=non_block, largest_leaf_params=max(leaves.values(), default=0),
-                          hidden_size=hidden)
+                          non_block_params=non_block, largest_leaf_params=max(leaves.values(), default=0))
 
 
 def read_component_sizes(folder: Path) -> ComponentSizes:

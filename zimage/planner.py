@@ -22,9 +22,14 @@ diffusers' own calls):
 ========================  ==================================================================
 
 Options: ``vae-tiling`` (decode in 512 px tiles: the VAE's activations stop growing with the
-image), ``fp8-storage`` (transformer weights stored in float8, computed in bf16: half the
-transformer's memory, a slight quality change), ``attention-slicing`` (accepted for users who ask
+image), ``fp8-storage`` (transformer and ControlNet weights stored in float8, computed in bf16: half
+their memory, a slight quality change), ``attention-slicing`` (accepted for users who ask
 for it; measured as no change for this model, so the planner never relies on it).
+
+A configured ControlNet (:attr:`ComponentSizes.controlnet`) counts where it lives: resident beside the
+transformer under ``full``/``balanced``, on the GPU only for its own requests under the offload profiles
+(:attr:`RequestSize.controlnet`). Requests with an input image (:attr:`RequestSize.encode`) add the VAE's
+encode of it as a stage of its own.
 
 The auto planner walks the candidates fastest first and takes the first whose predicted peak
 fits the GPU's free memory minus the reserve. Lossless candidates come before ``fp8-storage``
@@ -56,6 +61,13 @@ MAX_CAPTION_TOKENS = 512
 PIXELS_PER_TOKEN = 16 * 16
 #: VAE decoder bytes per output pixel per channel of its widest full-resolution stage.
 VAE_DECODE_BYTES_PER_PIXEL_CHANNEL = 10
+#: VAE encoder bytes per input pixel per channel of its full-resolution stage (image-to-image, inpainting and the
+#: ControlNet's control image are encoded before denoising). The encoder's full-resolution stage has the decoder's
+#: 128 channels but fewer blocks; the decoder's constant is used as a cautious estimate until measured.
+VAE_ENCODE_BYTES_PER_PIXEL_CHANNEL = VAE_DECODE_BYTES_PER_PIXEL_CHANNEL
+#: A ControlNet's hints: one (tokens x dim) tensor per control layer is kept for the transformer, and the
+#: control blocks stack them as they go (``torch.stack`` of all hints so far): about twice the hints at the peak.
+CONTROLNET_HINT_COPIES = 2
 #: The tile edge the loader sets when vae-tiling is on (the Flux VAE's own tile is 1024 px,
 #: which would leave a 1024x1024 decode untiled).
 VAE_TILE_PX = 512
@@ -107,17 +119,25 @@ class ComponentStats:
 
 @dataclass(frozen=True)
 class ComponentSizes:
-    """The three weighted components and where the numbers came from."""
+    """The three weighted components (and a ControlNet when one is configured) and where the numbers came from.
+
+    ``controlnet`` counts the ControlNet's own weights only: it borrows the transformer's embedders and refiner
+    blocks (diffusers' ``ZImageControlNetModel.from_transformer``), which the transformer already counts.
+    ``controlnet_hints`` is its number of control layers (one hint tensor each for the transformer).
+    """
 
     transformer: ComponentStats
     text_encoder: ComponentStats
     vae: ComponentStats
     vae_base_channels: int = 128  # channels of the decoder's full-resolution stage
     source: str = "published sizes"
+    controlnet: ComponentStats | None = None
+    controlnet_hints: int = 0
 
     @property
     def total_params(self) -> int:
-        return self.transformer.params + self.text_encoder.params + self.vae.params
+        return (self.transformer.params + self.text_encoder.params + self.vae.params
+                + (self.controlnet.params if self.controlnet is not None else 0))
 
 
 #: Z-Image-Turbo's published architecture, counted on the meta device from its config.json files.
@@ -132,6 +152,23 @@ PUBLISHED_SIZES = ComponentSizes(
     source="published sizes of Tongyi-MAI/Z-Image-Turbo",
 )
 
+#: alibaba-pai's Z-Image-Turbo Fun ControlNet Union 2.1 (the largest published Z-Image ControlNet; 1.0 has 6 control
+#: layers, 3.10 GB, and the 2.1 "lite" 3, 2.02 GB), counted on the meta device from the config diffusers maps that
+#: checkpoint to (hlky/Z-Image-Turbo-Fun-Controlnet-Union-2.1: control layers at transformer layers 0, 2, ..., 28,
+#: two control refiner blocks, dim 3840; see zimage.architecture.PUBLISHED): 3,356,225,792 parameters, 6.71 GB in
+#: bf16, which is the published checkpoint's file size. Used when the ControlNet is not on disk; its files give the
+#: real size otherwise (zimage.model_files.controlnet_stats).
+PUBLISHED_CONTROLNET = ComponentStats(params=3_356_225_792, largest_block_params=210_409_216,
+                                      non_block_params=510_720, largest_leaf_params=39_321_600, hidden_size=3840)
+PUBLISHED_CONTROLNET_HINTS = 15
+
+
+def with_controlnet(sizes: ComponentSizes, stats: ComponentStats | None, hints: int,
+                    source: str = "") -> ComponentSizes:
+    """``sizes`` with a ControlNet of ``stats`` (``hints`` control layers); ``stats=None`` removes it."""
+    label = sizes.source if stats is None or not source else f"{sizes.source}; ControlNet: {source}"
+    return replace(sizes, controlnet=stats, controlnet_hints=hints if stats is not None else 0, source=label)
+
 
 @dataclass(frozen=True)
 class RequestSize:
@@ -141,6 +178,10 @@ class RequestSize:
     height: int = 1024
     num_images: int = 1
     guidance: bool = False  # guidance > 0 runs classifier-free guidance: twice the batch
+    #: The VAE encodes an input before denoising (image-to-image, inpainting, the ControlNet's control image).
+    encode: bool = False
+    #: The ControlNet runs beside the transformer (the controlnet and controlnet_inpaint modes).
+    controlnet: bool = False
 
     @property
     def pixels(self) -> int:
@@ -289,13 +330,31 @@ def _transformer_weight_bytes(sizes: ComponentSizes, dtype_bytes: int, fp8: bool
     return sizes.transformer.params + sizes.transformer.largest_block_params * dtype_bytes
 
 
+def _controlnet_weight_bytes(sizes: ComponentSizes, dtype_bytes: int, fp8: bool) -> int:
+    """The ControlNet's own weights (0 without one); fp8-storage stores them in fp8 like the transformer's."""
+    stats = sizes.controlnet
+    if stats is None:
+        return 0
+    if not fp8:
+        return _weight_bytes(stats, dtype_bytes)
+    return stats.params + stats.largest_block_params * dtype_bytes
+
+
 def activation_bytes(sizes: ComponentSizes, request: RequestSize, dtype_bytes: int,
                      vae_tiling: bool) -> dict[str, int]:
-    """Estimated peak activation bytes of each stage for one request."""
+    """Estimated peak activation bytes of each stage for one request.
+
+    Stages: ``text_encoder``, ``vae_encode`` (0 unless the request encodes an input image), ``transformer`` (with
+    the ControlNet's hints when the request uses it: they are held while the transformer runs) and ``vae`` (the
+    decode).
+    """
     batch = request.num_images * (2 if request.guidance else 1)
     image_tokens = math.ceil(request.pixels / PIXELS_PER_TOKEN)
-    transformer = (batch * (image_tokens + MAX_CAPTION_TOKENS) * sizes.transformer.hidden_size
-                   * TRANSFORMER_ACTIVATION_HIDDEN_MULTIPLE * dtype_bytes)
+    tokens = batch * (image_tokens + MAX_CAPTION_TOKENS)
+    transformer = tokens * sizes.transformer.hidden_size * TRANSFORMER_ACTIVATION_HIDDEN_MULTIPLE * dtype_bytes
+    if request.controlnet and sizes.controlnet is not None:
+        transformer += (CONTROLNET_HINT_COPIES * (sizes.controlnet_hints + 1) * tokens
+                        * sizes.controlnet.hidden_size * dtype_bytes)
     text_encoder = (batch * MAX_CAPTION_TOKENS * sizes.text_encoder.hidden_size
                     * TEXT_ENCODER_ACTIVATION_HIDDEN_MULTIPLE * dtype_bytes)
     decoded_pixels = min(request.pixels, VAE_TILE_PX**2) if vae_tiling else request.pixels
@@ -303,12 +362,24 @@ def activation_bytes(sizes: ComponentSizes, request: RequestSize, dtype_bytes: i
     # (float32 RGB) is kept in any case.
     vae = (request.num_images * decoded_pixels * sizes.vae_base_channels * VAE_DECODE_BYTES_PER_PIXEL_CHANNEL
            * dtype_bytes // 2 + request.num_images * request.pixels * 3 * 4)
-    return {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
+    # The input goes through the encoder as one batch of num_images (diffusers repeats it per image), tiled like
+    # the decode when tiling is on; the input pixels themselves are held in the compute dtype.
+    vae_encode = 0
+    if request.encode:
+        vae_encode = (request.num_images * decoded_pixels * sizes.vae_base_channels
+                      * VAE_ENCODE_BYTES_PER_PIXEL_CHANNEL * dtype_bytes // 2
+                      + request.num_images * request.pixels * 3 * dtype_bytes)
+    return {"text_encoder": text_encoder, "vae_encode": vae_encode, "transformer": transformer, "vae": vae}
 
 
 def predict_peak_bytes(profile: str, options: tuple[str, ...], sizes: ComponentSizes, request: RequestSize,
                        dtype: str, use_streams: bool = False) -> int:
-    """Predicted peak GPU bytes of one generation under ``profile`` (single GPU; 0 for cpu)."""
+    """Predicted peak GPU bytes of one generation under ``profile`` (single GPU; 0 for cpu).
+
+    A configured ControlNet is resident under ``full``/``balanced`` (placed with the transformer at load), so it
+    counts for every request there; under the offload profiles it reaches the GPU only for a request that uses it
+    (``request.controlnet``), as the loader places it (zimage.loader.place_mode_pipeline).
+    """
     if profile == "cpu":
         return 0
     dtype_bytes = DTYPE_BYTES[dtype]
@@ -317,11 +388,23 @@ def predict_peak_bytes(profile: str, options: tuple[str, ...], sizes: ComponentS
     transformer_w = _transformer_weight_bytes(sizes, dtype_bytes, fp8)
     text_encoder_w = _weight_bytes(sizes.text_encoder, dtype_bytes)
     vae_w = _weight_bytes(sizes.vae, dtype_bytes)
+    controlnet_w = _controlnet_weight_bytes(sizes, dtype_bytes, fp8)
+    used_controlnet_w = controlnet_w if request.controlnet else 0
     if profile in ("full", "balanced"):  # balanced: callers split per GPU with _balanced_split
-        peak = transformer_w + text_encoder_w + vae_w + max(acts.values())
+        peak = transformer_w + text_encoder_w + vae_w + controlnet_w + max(acts.values())
     elif profile == "model-offload":
-        peak = max(text_encoder_w + acts["text_encoder"], transformer_w + acts["transformer"],
-                   vae_w + acts["vae"])
+        # Each component moves to the GPU when it runs and the chain text encoder -> transformer -> VAE sends the
+        # previous one back. The VAE that encoded an input stays until the chain wraps (the decode) and the text
+        # encoder is still there while it encodes. The ControlNet (outside the chain: diffusers hooks it alone)
+        # first runs before the transformer, beside the text encoder and the transformer's refiner blocks it
+        # borrows; the transformer outweighs those two, so the transformer stage below is the larger one.
+        encoded_vae_w = vae_w if request.encode else 0
+        stages = [text_encoder_w + acts["text_encoder"],
+                  transformer_w + encoded_vae_w + used_controlnet_w + acts["transformer"],
+                  vae_w + acts["vae"]]
+        if request.encode:
+            stages.append(text_encoder_w + vae_w + acts["vae_encode"])
+        peak = max(stages)
     elif profile == "group-offload":
         blocks_resident = 2 if use_streams else 1
         block_scale = 1 if not fp8 else 0.5
@@ -329,12 +412,19 @@ def predict_peak_bytes(profile: str, options: tuple[str, ...], sizes: ComponentS
                             + int(blocks_resident * sizes.transformer.largest_block_params * dtype_bytes * block_scale))
         text_encoder_live = (sizes.text_encoder.non_block_params
                              + blocks_resident * sizes.text_encoder.largest_block_params) * dtype_bytes
-        peak = vae_w + max(text_encoder_live + acts["text_encoder"], transformer_live + acts["transformer"],
-                           acts["vae"])
+        # The ControlNet is group-offloaded one block at a time, without prefetching (zimage.loader).
+        controlnet_live = 0
+        if request.controlnet and sizes.controlnet is not None:
+            controlnet_live = (sizes.controlnet.non_block_params * dtype_bytes
+                               + int(sizes.controlnet.largest_block_params * dtype_bytes * block_scale))
+        peak = vae_w + max(text_encoder_live + acts["text_encoder"], acts["vae_encode"],
+                           max(transformer_live, controlnet_live) + acts["transformer"], acts["vae"])
     elif profile == "sequential-offload":
         # One module's weights at a time, next to the activations of the stage it belongs to.
+        controlnet_leaf = sizes.controlnet.largest_leaf_params if request.controlnet and sizes.controlnet else 0
         peak = max(sizes.text_encoder.largest_leaf_params * dtype_bytes + acts["text_encoder"],
-                   sizes.transformer.largest_leaf_params * dtype_bytes + acts["transformer"],
+                   sizes.vae.largest_leaf_params * dtype_bytes + acts["vae_encode"],
+                   max(sizes.transformer.largest_leaf_params, controlnet_leaf) * dtype_bytes + acts["transformer"],
                    sizes.vae.largest_leaf_params * dtype_bytes + acts["vae"])
     else:
         raise PlanError(f"unknown memory profile {profile!r}")
@@ -349,8 +439,11 @@ def _balanced_split(sizes: ComponentSizes, request: RequestSize, dtype: str, opt
     """
     dtype_bytes = DTYPE_BYTES[dtype]
     acts = activation_bytes(sizes, request, dtype_bytes, "vae-tiling" in options)
+    fp8 = "fp8-storage" in options
     items = [
-        ("transformer", _transformer_weight_bytes(sizes, dtype_bytes, "fp8-storage" in options)),
+        # The ControlNet shares modules with the transformer and must sit on its GPU (zimage.loader).
+        ("transformer", _transformer_weight_bytes(sizes, dtype_bytes, fp8)
+         + _controlnet_weight_bytes(sizes, dtype_bytes, fp8)),
         ("text_encoder", _weight_bytes(sizes.text_encoder, dtype_bytes)),
         ("vae", _weight_bytes(sizes.vae, dtype_bytes)),
     ]

@@ -76,6 +76,8 @@ def _leaner_plans(plan: MemoryPlan, sizes: ComponentSizes, request: RequestSize,
     steps: list[tuple[MemoryPlan, str]] = []
     fp8_possible = allow_fp8 and "fp8-storage" not in plan.options and plan.dtype != "fp32"
     for profile in order:
+        if request.controlnet and profile == "sequential-offload":
+            continue  # cannot run a ControlNet (zimage.loader.place_mode_pipeline): not a rung for its requests
         streams = profile == "group-offload"
         if profile != plan.profile:
             steps.append((with_placement(plan, profile, plan.options, streams, sizes, request),
@@ -144,7 +146,7 @@ def plan_request(base: MemoryPlan, sizes: ComponentSizes, request: RequestSize, 
     hint = (f"The largest that fits is {largest[0]}x{largest[1]} with {request.num_images} image(s)"
             if largest else "No size fits with this many images")
     if request.num_images > 1 and (largest is None or largest < (request.width, request.height)):
-        single = RequestSize(request.width, request.height, 1, request.guidance)
+        single = replace(request, num_images=1)
         if _fits(with_placement(leanest, leanest.profile, leanest.options, leanest.use_streams, sizes, single)):
             hint += f"; {request.width}x{request.height} fits with 1 image"
     refusal = (f"{request.width}x{request.height} with {request.num_images} image(s) does not fit this GPU: predicted "
@@ -162,7 +164,7 @@ def largest_fitting_size(plan: MemoryPlan, sizes: ComponentSizes, request: Reque
         height = round(width * request.height / request.width / multiple_px) * multiple_px
         if height < min_side_px:
             return None
-        candidate = RequestSize(width, height, request.num_images, request.guidance)
+        candidate = replace(request, width=width, height=height)  # same mode: same encode/ControlNet
         if _fits(with_placement(plan, plan.profile, plan.options, plan.use_streams, sizes, candidate)):
             return width, height
         width -= multiple_px
@@ -191,7 +193,10 @@ class Action:
 
 def _at_or_below(request: RequestSize, planned: RequestSize) -> bool:
     load = lambda r: r.pixels * r.num_images * (2 if r.guidance else 1)  # noqa: E731
-    return load(request) <= load(planned)
+    # A ControlNet or an encoded input adds memory the planned request did not have: an OOM there says nothing
+    # about the base placement's own size.
+    extra = (request.controlnet and not planned.controlnet) or (request.encode and not planned.encode)
+    return load(request) <= load(planned) and not extra
 
 
 def next_action(kind: str | None, stage: str, attempt: MemoryPlan, base: MemoryPlan, request: RequestSize,

@@ -20,30 +20,47 @@ from typing import Any, Callable
 #: What the text encoder reads; longer prompts are cut by the pipeline (the service warns).
 MAX_PROMPT_TOKENS = 512
 #: The diffusers pipeline class of each mode; all share the loaded components.
-MODE_PIPELINES = {"img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"}
+MODE_PIPELINES = {"img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline",
+                  "controlnet": "ZImageControlNetPipeline", "controlnet_inpaint": "ZImageControlNetInpaintPipeline"}
+#: The modes that run the ControlNet beside the transformer.
+CONTROLNET_MODES = ("controlnet", "controlnet_inpaint")
+#: diffusers' default ``controlnet_conditioning_scale`` of both ControlNet pipelines (alibaba-pai's model card
+#: recommends 0.65 to 0.80 for the Union ControlNet).
+DEFAULT_CONTROLNET_SCALE = 0.75
 
 
-def mode_pipeline(base: Any, mode: str) -> Any:
-    """The pipeline for ``mode`` ("text", "img2img", "inpaint") over ``base``'s components: the same module
-    objects, so no weight is copied and their placement (device, offload hooks, fp8 storage) is kept.
+def mode_pipeline(base: Any, mode: str, controlnet: Any = None) -> Any:
+    """The pipeline for ``mode`` (see :data:`MODE_PIPELINES`; "text" is ``base`` itself) over ``base``'s
+    components: the same module objects, so no weight is copied and their placement (device, offload hooks, fp8
+    storage) is kept. The ControlNet modes also take the loaded ``controlnet``; their constructor attaches the
+    transformer's embedders and refiner blocks to it (diffusers' ``ZImageControlNetModel.from_transformer``: shared
+    too, not copied). Offload profiles then need :func:`zimage.loader.place_mode_pipeline` for the ControlNet.
 
     Built with the class's constructor from ``base.components`` (diffusers' documented way to reuse
     components), not ``from_pipe``: in diffusers 0.42.1 ``from_pipe`` ends with ``.to(dtype=...)``, float32
     unless told otherwise, which casts the *shared* modules in place (seen here: a bf16 pipeline's VAE became
     float32 and the next text-to-image call failed) and would undo fp8 storage.
+
+    Raises ValueError for a ControlNet mode without a ``controlnet``.
     """
     if mode == "text":
         return base
     import diffusers
 
-    pipe = getattr(diffusers, MODE_PIPELINES[mode])(**base.components)
+    extra: dict[str, Any] = {}
+    if mode in CONTROLNET_MODES:
+        if controlnet is None:
+            raise ValueError(f"the {mode} mode needs a loaded ControlNet")
+        extra["controlnet"] = controlnet
+    pipe = getattr(diffusers, MODE_PIPELINES[mode])(**base.components, **extra)
     pipe.set_progress_bar_config(disable=True)  # the service reports progress itself
     return pipe
 
 
 def steps_run(steps: int, strength: float | None) -> int:
-    """Denoising steps an image-to-image or inpainting call runs: diffusers skips the first ``(1 - strength)``
-    share of the schedule (``get_timesteps`` of the Z-Image img2img and inpaint pipelines)."""
+    """Denoising steps (transformer calls, progress callbacks) a call runs. Image-to-image and inpainting skip the
+    first ``(1 - strength)`` share of the schedule (``get_timesteps`` of the Z-Image img2img and inpaint
+    pipelines); text, ControlNet and ControlNet inpainting (which has no strength: ``strength=None``) run all."""
     if strength is None:
         return steps
     return steps - int(max(steps - min(steps * strength, steps), 0))
@@ -59,22 +76,28 @@ def prompt_token_count(pipe: Any, prompt: str) -> int | None:
     return len(tokenizer(text).input_ids)
 
 
-def encode(pipe: Any, prompt: str, guidance_scale: float) -> tuple[Any, Any]:
-    """Prompt embeddings (and the negative ones when guidance is on), as ``ZImagePipeline.encode_prompt`` returns."""
+def encode(pipe: Any, prompt: str, guidance_scale: float, negative_prompt: str = "") -> tuple[Any, Any]:
+    """Prompt embeddings (and the negative prompt's when guidance is on: ``negative_prompt``, "" by default as in
+    diffusers), as ``ZImagePipeline.encode_prompt`` returns them. Without guidance the negative prompt is unused."""
     import torch
 
     with torch.inference_mode():
         return pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=guidance_scale > 0,
+                                  negative_prompt=negative_prompt if guidance_scale > 0 else None,
                                   max_sequence_length=MAX_PROMPT_TOKENS)
 
 
 def denoise(pipe: Any, embeds: tuple[Any, Any], *, width: int, height: int, steps: int, guidance_scale: float,
             seeds: list[int], on_step: Callable[[int, int], None], should_stop: Callable[[], bool],
-            image: Any = None, mask: Any = None, strength: float | None = None) -> Any | None:
+            image: Any = None, mask: Any = None, strength: float | None = None, control_image: Any = None,
+            controlnet_conditioning_scale: float | None = None, cfg_normalization: bool = False) -> Any | None:
     """Run the denoising loop; returns the latents, or None when ``should_stop`` ended it early.
 
     ``pipe`` is the pipeline of the mode (:func:`mode_pipeline`): ``image`` (PIL, RGB, width x height) and
-    ``strength`` for image-to-image, plus ``mask`` (PIL, L: white is repainted) for inpainting.
+    ``strength`` for image-to-image, plus ``mask`` (PIL, L: white is repainted) for inpainting; ``control_image``
+    (PIL, RGB, width x height) and ``controlnet_conditioning_scale`` (None: diffusers' 0.75) for the ControlNet
+    modes, with ``image`` and ``mask`` (no strength) for ControlNet inpainting. ``cfg_normalization`` is passed to
+    the pipeline when guidance is on (the base model's setting, :mod:`zimage.model_family`).
     ``on_step(step, total)`` is called after each step (1-based; ``total`` is :func:`steps_run`). One CPU
     generator per image, seeded ``seeds[i]``: image i can be reproduced on its own, on any device
     (diffusers draws the noise on the generator's device and moves it).
@@ -84,12 +107,23 @@ def denoise(pipe: Any, embeds: tuple[Any, Any], *, width: int, height: int, step
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     prompt_embeds, negative_embeds = embeds
     stopped = False
-    total = steps_run(steps, strength if image is not None else None)
+    total = steps_run(steps, strength if image is not None and control_image is None else None)
     inputs: dict[str, Any] = {}
     if image is not None:
-        inputs.update(image=image, strength=strength)
+        inputs.update(image=image)
+        if control_image is None:  # ControlNet inpainting has no strength: the masked area is repainted in full
+            inputs.update(strength=strength)
     if mask is not None:
         inputs.update(mask_image=mask)
+        if control_image is not None and len(seeds) > 1:
+            # diffusers 0.42.1's ZImageControlNetInpaintPipeline repeats the image and the control image for
+            # num_images_per_prompt but not the mask (a size mismatch in torch.cat for 2+ images): one mask per image.
+            inputs.update(mask_image=[mask] * len(seeds))
+    if control_image is not None:
+        inputs.update(control_image=control_image, controlnet_conditioning_scale=(
+            DEFAULT_CONTROLNET_SCALE if controlnet_conditioning_scale is None else controlnet_conditioning_scale))
+    if guidance_scale > 0 and cfg_normalization:
+        inputs.update(cfg_normalization=True)
 
     def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         nonlocal stopped

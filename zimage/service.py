@@ -31,6 +31,7 @@ from typing import Any, Callable
 from . import __version__, render
 from .errors import (
     GenerationCancelled,
+    LoraError,
     NaNOutputError,
     OutOfMemoryAfterRetries,
     QueueFull,
@@ -41,6 +42,8 @@ from .errors import (
     ZImageError,
 )
 from .jobs import RUNNING, SAVING, Job, JobQueue, Progress
+from .model_family import TURBO, ModelDefaults
+from .lora import MAX_LORAS, LoraAdapters, LoraFile, LoraFolder, LoraLoadFailed, placement_problem, validate_loras
 from .planner import DeviceFacts, MemoryPlan, PlanError, RequestSize, safe_dtype_after_nan
 from .recovery import (
     DECODE,
@@ -90,13 +93,15 @@ __all__ = ["MAX_PROMPT_TOKENS", "GenerationRequest", "GenerationResult", "Genera
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What a caller asks for. ``seed=None`` draws a random seed (returned in the result)."""
+    """What a caller asks for. ``seed=None`` draws a random seed (returned in the result); ``steps=None`` and
+    ``guidance_scale=None`` take the loaded model's defaults (:attr:`GenerationService.defaults`: Turbo 8 and 0,
+    Z-Image base 28 and 4)."""
 
     prompt: str
     width: int = DEFAULT_SIDE_PX
     height: int = DEFAULT_SIDE_PX
-    steps: int = DEFAULT_STEPS
-    guidance_scale: float = DEFAULT_GUIDANCE
+    steps: int | None = None
+    guidance_scale: float | None = None
     seed: int | None = None
     num_images: int = 1
     #: Image-to-image: the input (PIL RGB, exactly width x height: zimage.uploads.fit_to_size) and how much
@@ -104,19 +109,33 @@ class GenerationRequest:
     image: Any = field(default=None, repr=False, compare=False)
     mask: Any = field(default=None, repr=False, compare=False)
     strength: float | None = None
-    #: What the inputs were (names and sha256 of the files), for the PNG metadata.
-    inputs: tuple[tuple[str, str], ...] = ()
+    #: What the inputs were, for the PNG metadata: (file name, sha256) or (file name, sha256, role), role one of
+    #: "image", "mask", "control_image".
+    inputs: tuple[tuple[str, ...], ...] = ()
+    #: What the image should not show; used only when guidance is on (guidance_scale > 0).
+    negative_prompt: str = ""
+    #: LoRA adapters for this request: (name in the LoRA folder, weight in [-2, 2]), at most 4.
+    loras: tuple[tuple[str, float], ...] = ()
+    #: ControlNet: the control image (PIL RGB, width x height) and how strongly it steers (None: the default).
+    control_image: Any = field(default=None, repr=False, compare=False)
+    controlnet_conditioning_scale: float | None = None
 
     @property
     def mode(self) -> str:
-        """"text", "img2img" or "inpaint"."""
+        """"text", "img2img", "inpaint", "controlnet" or "controlnet_inpaint" (a control image and a mask)."""
+        if self.control_image is not None:
+            return "controlnet_inpaint" if self.mask is not None else "controlnet"
         if self.mask is not None:
             return "inpaint"
         return "img2img" if self.image is not None else "text"
 
     @property
     def size(self) -> RequestSize:
-        return RequestSize(self.width, self.height, self.num_images, self.guidance_scale > 0)
+        """What this request asks of memory (meaningful once validated: defaults filled in)."""
+        guidance = isinstance(self.guidance_scale, (int, float)) and self.guidance_scale > 0
+        return RequestSize(self.width, self.height, self.num_images, guidance,
+                           encode=self.image is not None or self.control_image is not None,
+                           controlnet=self.control_image is not None)
 
 
 @dataclass(frozen=True)
@@ -135,6 +154,8 @@ class GenerationResult:
     recoveries: tuple[str, ...] = ()
     gpu_peak_bytes: int | None = None
     images: tuple[Any, ...] = field(default=(), repr=False)  # PIL images
+    #: The LoRA adapters used: {"name", "weight", "sha256"} each, in the request's order.
+    loras: tuple[dict[str, Any], ...] = ()
 
     @property
     def seed(self) -> int:
@@ -157,6 +178,7 @@ class GenerationResult:
             "warnings": list(self.warnings),
             "recoveries": list(self.recoveries),
             "files": [p.name for p in self.paths],
+            "loras": [dict(lora) for lora in self.loras],
         }
 
 
@@ -170,6 +192,7 @@ class _Rendered:
     warnings: tuple[str, ...]
     recoveries: tuple[str, ...]
     gpu_peak_bytes: int | None
+    loras: tuple[dict[str, Any], ...] = ()  # {"name", "weight", "sha256"} of the adapters that were on
 
 
 @dataclass
@@ -201,12 +224,17 @@ def _is_whole_number(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int] | None = None) -> GenerationRequest:
-    """Check every parameter; return the request with the prompt trimmed and a seed filled in.
+def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int] | None = None,
+                     defaults: ModelDefaults = TURBO) -> GenerationRequest:
+    """Check every parameter; return the request with the prompt trimmed, a seed filled in, and the steps and
+    guidance the caller left out (None) taken from ``defaults`` (the loaded model's, :mod:`zimage.model_family`).
 
     Types are refused, never coerced: 256.5 pixels, ``True`` steps or a prompt that is not text are errors.
     Raises :class:`ValidationError` naming the value and the allowed range.
     """
+    request = replace(request, steps=defaults.steps if request.steps is None else request.steps,
+                      guidance_scale=defaults.guidance_scale if request.guidance_scale is None
+                      else request.guidance_scale)
     if not isinstance(request.prompt, str):
         raise ValidationError(f"prompt={_shown(request.prompt)} must be text.")
     prompt = request.prompt.strip()
@@ -231,14 +259,15 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
                                   f"{_nearest_multiples(value)}.")
     if not _is_whole_number(request.steps):
         raise ValidationError(f"steps={_shown(request.steps)} must be a whole number from {MIN_STEPS} to {MAX_STEPS} "
-                              f"(Turbo's default is {DEFAULT_STEPS}).")
+                              f"({defaults.name}'s default is {defaults.steps}).")
     if not MIN_STEPS <= request.steps <= MAX_STEPS:
         raise ValidationError(f"steps={request.steps} is out of range: use a whole number from {MIN_STEPS} to "
-                              f"{MAX_STEPS} (Turbo's default is {DEFAULT_STEPS}).")
+                              f"{MAX_STEPS} ({defaults.name}'s default is {defaults.steps}).")
     guidance = request.guidance_scale
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance <= MAX_GUIDANCE:
         raise ValidationError(f"guidance_scale={_shown(guidance)} is out of range: use 0 to {MAX_GUIDANCE:g} "
-                              f"(Turbo's default is {DEFAULT_GUIDANCE:g}).")
+                              f"({defaults.name}'s default is {defaults.guidance_scale:g}).")
+    negative_prompt = _validate_negative_prompt(request.negative_prompt)
     if not _is_whole_number(request.num_images):
         raise ValidationError(f"num_images={_shown(request.num_images)} must be a whole number from 1 to {MAX_IMAGES}.")
     if not 1 <= request.num_images <= MAX_IMAGES:
@@ -256,32 +285,75 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
     if seed + request.num_images - 1 > MAX_SEED:
         raise ValidationError(f"seed={seed} with num_images={request.num_images} runs past {MAX_SEED} "
                               "(image i uses seed + i): use a smaller seed.")
-    strength = _validate_inputs(request)
-    return replace(request, prompt=prompt, seed=seed, guidance_scale=float(guidance), strength=strength)
+    request = replace(request, loras=validate_loras(request.loras))  # names are checked against the folder at submit
+    return replace(request, prompt=prompt, seed=seed, guidance_scale=float(guidance), negative_prompt=negative_prompt,
+                   **_validate_inputs(request))
+
+
+def _validate_negative_prompt(value: Any) -> str:
+    """The negative prompt trimmed ("" when none); text under the prompt's limits."""
+    if not isinstance(value, str):
+        raise ValidationError(f"negative_prompt={_shown(value)} must be text (empty for none).")
+    text = value.strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"negative_prompt has a character that is not valid text at position {exc.start} (a "
+                              "lone surrogate): send it as UTF-8.") from None
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValidationError(f"negative_prompt is {len(text)} characters long: the limit is {MAX_PROMPT_CHARS}.")
+    return text
 
 
 #: diffusers' defaults: image-to-image keeps 40% of the input's structure, inpainting repaints the masked area.
 DEFAULT_STRENGTH = {"img2img": 0.6, "inpaint": 1.0}
+#: The ControlNet's conditioning scale: diffusers' default and the range accepted (0 turns the ControlNet off;
+#: alibaba-pai recommends 0.65-0.80 for its Union ControlNet; above 1 over-steers).
+MIN_CONTROLNET_SCALE, MAX_CONTROLNET_SCALE = 0.0, 2.0
 
 
-def _validate_inputs(request: GenerationRequest) -> float | None:
-    """Check the input image, mask and strength of the image modes; returns the strength to use (None for text)."""
+def _validate_inputs(request: GenerationRequest) -> dict[str, Any]:
+    """Check the input image, mask, control image, strength and ControlNet scale of the image modes; returns the
+    fields to set: ``strength`` (None for text, ControlNet and ControlNet inpainting) and
+    ``controlnet_conditioning_scale`` (None without a control image)."""
     if request.mask is not None and request.image is None:
         raise ValidationError("a mask needs an image to repaint: send the image too (inpainting).")
-    if request.image is None:
-        if request.strength is not None:
-            raise ValidationError(f"strength={_shown(request.strength)} applies to image-to-image and inpainting: "
-                                  "send an image, or leave strength out.")
-        return None
-    for name, picture in (("image", request.image), ("mask", request.mask)):
+    control = request.control_image is not None
+    if control and request.image is not None and request.mask is None:
+        raise ValidationError("a control image with an input image but no mask: diffusers has no ControlNet "
+                              "image-to-image for Z-Image. Send a mask too (ControlNet inpainting), or leave the "
+                              "input image out (ControlNet from the prompt).")
+    for name, picture in (("image", request.image), ("mask", request.mask), ("control image", request.control_image)):
         if picture is not None and tuple(getattr(picture, "size", ())) != (request.width, request.height):
             raise ValidationError(f"the {name} is {getattr(picture, 'size', '?')} but the request is "
                                   f"{request.width}x{request.height}: resize it to the request's size.")
+    scale = request.controlnet_conditioning_scale
+    if not control:
+        if scale is not None:
+            raise ValidationError(f"controlnet_conditioning_scale={_shown(scale)} applies only with a control image: "
+                                  "send one, or leave the scale out.")
+    else:
+        scale = render.DEFAULT_CONTROLNET_SCALE if scale is None else scale
+        if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                or not MIN_CONTROLNET_SCALE <= scale <= MAX_CONTROLNET_SCALE):
+            raise ValidationError(f"controlnet_conditioning_scale={_shown(scale)} is out of range: use "
+                                  f"{MIN_CONTROLNET_SCALE:g} to {MAX_CONTROLNET_SCALE:g} (how strongly the control "
+                                  f"image steers; default {render.DEFAULT_CONTROLNET_SCALE:g}, 0 ignores it).")
+        scale = float(scale)
+    if request.image is None or control:
+        if request.strength is not None and request.image is not None:
+            raise ValidationError(f"strength={_shown(request.strength)} does not apply to ControlNet inpainting "
+                                  "(diffusers' ZImageControlNetInpaintPipeline has no strength: the masked area is "
+                                  "repainted in full): leave strength out.")
+        if request.strength is not None:
+            raise ValidationError(f"strength={_shown(request.strength)} applies to image-to-image and inpainting: "
+                                  "send an image, or leave strength out.")
+        return {"strength": None, "controlnet_conditioning_scale": scale}
     strength = DEFAULT_STRENGTH[request.mode] if request.strength is None else request.strength
     if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
         raise ValidationError(f"strength={_shown(strength)} is out of range: use more than 0 and at most 1 (how much "
                               "of the input is repainted; default 0.6 for image-to-image, 1.0 for inpainting).")
-    return float(strength)
+    return {"strength": float(strength), "controlnet_conditioning_scale": None}
 
 
 PipelineFactory = Callable[[Any, MemoryPlan], Any]
@@ -327,6 +399,15 @@ class GenerationService:
         self._outputs_checked: tuple[float, str | None] | None = None
         self._mode_pipes: dict[str, Any] = {}
         self._closing = False
+        #: The ControlNet (--controlnet): where it comes from, and the loaded model (None without one).
+        self._controlnet_source: Any = None
+        self._controlnet: Any = None
+        self._controlnet_inpaint: bool | None = None  # the loaded ControlNet has an inpainting input
+        self._defaults: ModelDefaults | None = None
+        #: LoRA files (listed and checked from any thread) and the adapters loaded in the pipeline (GPU worker only).
+        self._lora_folder = LoraFolder(settings.lora_folder, self._lora_modules)
+        self._lora_adapters = LoraAdapters()
+        self._lora_table: tuple[bool, Any] | None = None  # (built from the loaded pipeline?, layer table)
 
     # --- Loading ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -334,7 +415,14 @@ class GenerationService:
 
         Raises the :class:`ZImageError` (model not found, plan impossible) after recording it.
         """
-        from .loader import component_sizes, load_pipeline, plan_for, resolve_model_source
+        from .loader import (
+            component_sizes,
+            load_pipeline,
+            model_defaults,
+            plan_for,
+            resolve_controlnet_source,
+            resolve_model_source,
+        )
 
         self.state = "loading"
         started = time.perf_counter()
@@ -344,13 +432,17 @@ class GenerationService:
 
                 self._devices = probe_devices()
             self._source = resolve_model_source(self.settings)
-            self._sizes = component_sizes(self._source)
+            self._controlnet_source = resolve_controlnet_source(self.settings, self._source)
+            self._defaults = model_defaults(self.settings, self._source)
+            log.info("request defaults of %s: %d steps, guidance %g (%s)", self._defaults.label, self._defaults.steps,
+                     self._defaults.guidance_scale, self._defaults.reason)
+            self._sizes = component_sizes(self._source, self._controlnet_source)
             self.plan = self.base_plan = plan_for(self.settings, self._devices, self._sizes)
             for warning in self.plan.warnings:
                 log.warning("%s", warning)
             log.info("memory plan: %s: %s", self.plan.describe(), self.plan.reason)
             self._factory = self._factory or load_pipeline
-            self._pipe = self._factory(self._source, self.plan)
+            self._load_models(self.plan)
         except (ZImageError, PlanError) as exc:
             self.state, self.load_error = "failed", str(exc)
             raise
@@ -378,6 +470,60 @@ class GenerationService:
         return bool(self._source is not None and self._source.is_demo)
 
     @property
+    def defaults(self) -> ModelDefaults:
+        """The loaded model's request defaults (:class:`~zimage.model_family.ModelDefaults`: ``steps``,
+        ``guidance_scale``, ``negative_prompt``, ``uses_guidance``, ``supports_negative_prompt``, ``steps_note``,
+        ``label``); before :meth:`load`, what the settings and any local files say."""
+        if self._defaults is None:
+            from .loader import model_defaults
+
+            self._defaults = model_defaults(self.settings)
+        return self._defaults
+
+    @property
+    def has_controlnet(self) -> bool:
+        """True when a ControlNet is configured (``--controlnet``, or ``--demo`` alone): the controlnet modes work."""
+        if self._controlnet_source is not None:
+            return True
+        return self._source is None and bool(self.settings.controlnet_choice)
+
+    @property
+    def controlnet_label(self) -> str | None:
+        """The configured ControlNet's id or path (``"demo ControlNet (random weights)"`` for the demo), or None."""
+        if self._controlnet_source is not None:
+            return self._controlnet_source.label
+        return self.settings.controlnet_choice or None
+
+    def _check_controlnet(self, request: GenerationRequest) -> None:
+        """A control image needs a configured ControlNet; ControlNet inpainting needs one trained for it."""
+        if request.mode not in render.CONTROLNET_MODES:
+            return
+        if not self.has_controlnet:
+            raise ValidationError("a control image needs a ControlNet and this server runs without one: start it "
+                                  "with --controlnet ID_OR_PATH (e.g. alibaba-pai/Z-Image-Turbo-Fun-Controlnet-"
+                                  "Union-2.1, or ZIMAGE_CONTROLNET), or leave the control image out.")
+        if self.base_plan is not None and self.base_plan.profile == "sequential-offload":
+            from .loader import SEQUENTIAL_CONTROLNET
+
+            raise ValidationError(f"This server runs on sequential offload, and {SEQUENTIAL_CONTROLNET}")
+        if request.mode == "controlnet_inpaint" and self._controlnet_inpaint is False:
+            raise ValidationError(f"the ControlNet {self.controlnet_label!r} has no inpainting input (its control "
+                                  "input is the control image's latents alone, as in Union 1.0): send the control "
+                                  "image without image and mask, or use a ControlNet Union 2.0/2.1.")
+
+    def _negative_prompt_warnings(self, request: GenerationRequest) -> list[str]:
+        """Say so when a negative prompt cannot act (no guidance), or is cut by the text encoder."""
+        if not request.negative_prompt:
+            return []
+        if request.guidance_scale <= 0:
+            return ["The negative prompt was not used: it takes effect only with guidance (guidance_scale > 0)."]
+        count = render.prompt_token_count(self._pipe, request.negative_prompt)
+        if count is None or count <= MAX_PROMPT_TOKENS:
+            return []
+        return [f"The negative prompt is {count} tokens long with its chat template; the text encoder reads the "
+                f"first {MAX_PROMPT_TOKENS}."]
+
+    @property
     def busy(self) -> bool:
         """True while a job runs on the pipeline (saving is not counted: the GPU is free then)."""
         return self._running is not None
@@ -403,6 +549,88 @@ class GenerationService:
         """Call ``listener(job)`` once per job when it ends (any outcome), e.g. for metrics."""
         self._finished_listeners.append(listener)
 
+    # --- LoRA adapters (zimage.lora) -----------------------------------------------------------------
+    def list_loras(self) -> list[LoraFile]:
+        """The LoRA folder's files, sorted by name; ``item.info()`` is JSON-ready: {"name", "size_bytes", "fits",
+        "problem", "format"}. Reads only safetensors headers. Works before the model is loaded (the files are
+        then judged against the configured model's architecture). Safe from any thread."""
+        return self._lora_folder.list()
+
+    def check_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Raise :class:`LoraError` unless each (name, weight) of validated ``loras`` names a file of the LoRA folder
+        that fits this model (unknown names get the list of usable ones). :meth:`submit` checks this itself; front
+        doors may call it earlier, e.g. the command line before it loads the model."""
+        self._lora_folder.check(loras)
+
+    def loaded_loras(self) -> list[str]:
+        """LoRA names whose adapters are loaded in the pipeline now, least recently used first."""
+        return self._lora_adapters.loaded()
+
+    def lora_problem(self) -> str | None:
+        """Why no request can use LoRAs on the current base placement (fp8 weight storage), with the fix; or None."""
+        return placement_problem(self.base_plan) if self.base_plan is not None else None
+
+    def _lora_modules(self) -> Any:
+        """The transformer's layer table LoRA files are judged against: from the loaded pipeline's config, or
+        before loading from the settings (the demo, a local folder's config, the published model)."""
+        from .lora import transformer_config_for, transformer_modules
+
+        pipe = self._pipe
+        if self._lora_table is None or (pipe is not None and not self._lora_table[0]):
+            config = dict(pipe.transformer.config) if pipe is not None else transformer_config_for(self.settings)
+            self._lora_table = (pipe is not None, transformer_modules(config))
+        return self._lora_table[1]
+
+    def _check_loras(self, request: GenerationRequest, plan: MemoryPlan | None) -> None:
+        """At submit: every LoRA is in the folder and fits, and ``plan`` can take adapters. Raises LoraError."""
+        if not request.loras:
+            return
+        self.check_loras(request.loras)
+        problem = placement_problem(plan) if plan is not None else None
+        if problem:
+            raise LoraError(problem)
+
+    def _activate_loras(self, job: Job, request: GenerationRequest, plan: MemoryPlan) -> tuple[dict[str, Any], ...]:
+        """On the GPU worker, before a render attempt: switch on the request's adapters (loading them when not
+        cached or changed on disk), or make sure every adapter is off. Raises LoraError naming the file."""
+        if not request.loras:
+            self._lora_adapters.deactivate(self._pipe)
+            return ()
+        problem = placement_problem(plan)  # a recovery step may have moved to a placement that cannot take them
+        if problem:
+            raise LoraError(problem)
+        files = self._lora_folder.check(request.loras)
+        weights = dict(request.loras)
+
+        def loading(name: str) -> None:
+            job.update(note=f"loading LoRA {name}")
+
+        try:
+            return self._lora_adapters.activate(self._pipe, [(item, weights[item.name]) for item in files],
+                                                on_loading=loading)
+        except LoraLoadFailed:
+            if plan.profile in ("model-offload", "sequential-offload"):
+                # diffusers took the offload hooks off for the load and puts them back only after a success.
+                log.warning("a LoRA failed to load on %s: reloading the pipeline to restore its offload hooks",
+                            plan.describe())
+                self._reload(plan)
+            raise
+        finally:
+            job.update(note="")
+
+    def _loras_off(self) -> None:
+        """After a job: switch the adapters off, so the next job without LoRAs computes as if none was loaded.
+
+        Never raises (it runs on the GPU worker after the job ended): a failure is logged, the adapters stay
+        marked as on, and the next job switches them off before it renders or fails with the error.
+        """
+        if self._pipe is None:
+            return
+        try:
+            self._lora_adapters.deactivate(self._pipe)
+        except Exception:  # noqa: BLE001 - the worker must go on
+            log.exception("switching the LoRA adapters off failed")
+
     def count_outcome(self, outcome: str) -> None:
         """Count a request outcome decided outside :meth:`submit` (a front door's own busy refusal)."""
         with self._stats_lock:
@@ -421,11 +649,13 @@ class GenerationService:
         ``on_progress(progress)`` is called on every change of the job, from the first (its place in the queue).
 
         Raises :class:`ValidationError` (bad parameter; :class:`RequestTooLarge` when nothing on this GPU fits
-        the size), :class:`ServiceNotReady` (loading, failed, shutting down) or :class:`QueueFull`.
+        the size; :class:`LoraError` for a LoRA that is not in the folder, does not fit this model or this
+        placement), :class:`ServiceNotReady` (loading, failed, shutting down) or :class:`QueueFull`.
         """
         request_id = request_id or uuid.uuid4().hex[:12]
         try:
-            request = validate_request(request)
+            request = validate_request(request, defaults=self.defaults)
+            self._check_controlnet(request)
         except ValidationError as exc:
             self._refused(request_id, request, "invalid", exc)
             raise
@@ -443,6 +673,11 @@ class GenerationService:
             error = RequestTooLarge(decision.refusal)
             self._refused(request_id, request, "invalid", error)
             raise error
+        try:
+            self._check_loras(request, decision.plan)
+        except ValidationError as exc:  # unknown, pickle, foreign or ill-fitting LoRA; fp8 placement
+            self._refused(request_id, request, "invalid", exc)
+            raise
         job = Job(request_id, request)
         if on_progress is not None:
             job.add_listener(lambda changed: on_progress(changed.progress))
@@ -509,7 +744,8 @@ class GenerationService:
 
         self.begin_shutdown()
         self.wait_idle(0)
-        self._pipe, self._mode_pipes = None, {}
+        self._pipe, self._mode_pipes, self._controlnet = None, {}, None
+        self._lora_adapters.reset()  # a pipeline loaded later has no adapters
         self.state = "starting"
         release_memory()
 
@@ -556,6 +792,8 @@ class GenerationService:
         except BaseException as exc:  # noqa: BLE001 - every outcome is recorded on the job
             self._end(job, error=exc)
             return
+        finally:
+            self._loras_off()
         stats = gpu_memory_stats(rendered.plan.device)
         rendered = replace(rendered, gpu_peak_bytes=stats.get("peak_allocated_bytes"))
         with self._stats_lock:
@@ -619,13 +857,15 @@ class GenerationService:
         if decision.refusal:  # the base was re-planned since the job was admitted
             raise RequestTooLarge(decision.refusal)
         attempt = decision.plan
-        warnings = self._prompt_warnings(request.prompt) + list(decision.notes)
+        warnings = (self._prompt_warnings(request.prompt) + list(decision.notes)
+                    + self._negative_prompt_warnings(request))
         for note in decision.notes:
             log.info("request %s: %s", job.id, note)
         recoveries: list[str] = []
         seeds = [request.seed + i for i in range(request.num_images)]
         latents = None
         nan_retried = False
+        used_loras: tuple[dict[str, Any], ...] = ()
         started = time.perf_counter()
         while True:
             job.raise_if_cancelled()
@@ -634,7 +874,8 @@ class GenerationService:
             try:
                 if latents is None:
                     job.update(stage="encoding", step=0, total=request.steps)
-                    embeds = render.encode(self._pipe, request.prompt, request.guidance_scale)
+                    used_loras = self._activate_loras(job, request, attempt)  # after _place: a reload drops them
+                    embeds = render.encode(self._pipe, request.prompt, request.guidance_scale, request.negative_prompt)
                     job.raise_if_cancelled()
                     stage = DENOISE
                     job.update(stage="denoising")
@@ -644,7 +885,9 @@ class GenerationService:
                         steps=request.steps, guidance_scale=request.guidance_scale, seeds=seeds,
                         on_step=lambda step, total: job.update(step=step, total=total),
                         should_stop=lambda: job.cancel_requested, image=request.image, mask=request.mask,
-                        strength=request.strength)
+                        strength=request.strength, control_image=request.control_image,
+                        controlnet_conditioning_scale=request.controlnet_conditioning_scale,
+                        cfg_normalization=self.defaults.cfg_normalization)
                     del embeds
                 job.raise_if_cancelled()  # never decode a cancelled job
                 stage = DECODE
@@ -697,13 +940,19 @@ class GenerationService:
             if action.kind != RETRY_DECODE:
                 latents = None
         return _Rendered(pixels=pixels, plan=attempt, generate_s=time.perf_counter() - started,
-                         warnings=tuple(warnings), recoveries=tuple(recoveries), gpu_peak_bytes=None)
+                         warnings=tuple(warnings), recoveries=tuple(recoveries), gpu_peak_bytes=None,
+                         loras=used_loras)
 
     def _mode_pipe(self, mode: str) -> Any:
-        """The pipeline of ``mode`` over the loaded components (``from_pipe``: no weight is copied), made once per
-        loaded pipeline."""
+        """The pipeline of ``mode`` over the loaded components (built from them: no weight is copied), made once per
+        loaded pipeline; a ControlNet pipeline is then placed for an offload profile (zimage.loader)."""
         if mode not in self._mode_pipes:
-            self._mode_pipes[mode] = render.mode_pipeline(self._pipe, mode)
+            pipe = render.mode_pipeline(self._pipe, mode, controlnet=self._controlnet)
+            if mode in render.CONTROLNET_MODES:
+                from .loader import place_mode_pipeline
+
+                place_mode_pipeline(pipe, self.plan)
+            self._mode_pipes[mode] = pipe
         return self._mode_pipes[mode]
 
     def _after_nan(self, attempt: MemoryPlan, size: RequestSize, warnings: list[str]) -> MemoryPlan:
@@ -747,22 +996,23 @@ class GenerationService:
         from .recovery import leanest_plan
 
         log.info("switching the memory placement: %s -> %s", self.plan.describe(), plan.describe())
-        self._pipe, self._mode_pipes = None, {}
+        self._pipe, self._mode_pipes, self._controlnet = None, {}, None
+        self._lora_adapters.reset()  # the new pipeline has no adapters: they load again when a request needs them
         release_memory()
         try:
-            self._pipe = self._factory(self._source, plan)
+            self._load_models(plan)
             self.plan = plan
             return
         except Exception as exc:  # noqa: BLE001 - any failure to load leaves no pipeline
             cause = f"reloading the pipeline for {plan.describe()} failed: {type(exc).__name__}: {_first_line(exc)}"
         self.state, self.load_error = "failed", cause
         log.error("%s", cause)
-        self._pipe = None
+        self._pipe = self._controlnet = None
         release_memory()
         fallback = leanest_plan(self.base_plan, self._sizes, allow_fp8=self.settings.recovery_fp8)
         if fallback is not None and not same_placement(fallback, plan):
             try:
-                self._pipe = self._factory(self._source, fallback)
+                self._load_models(fallback)
             except Exception as exc:  # noqa: BLE001
                 log.error("the leanest placement %s failed too: %s: %s", fallback.describe(), type(exc).__name__,
                           _first_line(exc))
@@ -775,6 +1025,19 @@ class GenerationService:
                                     f"{fallback.describe()}. Please try again.")
         self._fatal(cause)
         raise ServiceFailed(f"The server lost its model ({cause}) and restarts itself. Please try again shortly.")
+
+    def _load_models(self, plan: MemoryPlan) -> None:
+        """Load the pipeline for ``plan`` and, when one is configured, the ControlNet placed to match (reloaded with
+        the pipeline: its placement follows the plan, and fp8 storage cannot be undone in place)."""
+        from .loader import load_controlnet
+
+        self._pipe = self._factory(self._source, plan)
+        if self._controlnet_source is not None:
+            self._controlnet = load_controlnet(self._controlnet_source, plan, self._pipe)
+            # diffusers' ZImageControlNetInpaintPipeline needs a control input wider than the latents (2.0/2.1: 33
+            # channels = latents + mask + masked image); Union 1.0 has exactly the latents' 16.
+            self._controlnet_inpaint = (self._controlnet.config.control_in_dim
+                                        != self._pipe.transformer.config.in_channels)
 
     def _fatal(self, message: str) -> None:
         """The service cannot go on: refuse everything, cancel the waiting jobs, tell the entry point."""
@@ -792,7 +1055,8 @@ class GenerationService:
         images = render.to_pil(rendered.pixels)
         save_started = time.perf_counter()
         seeds = tuple(request.seed + i for i in range(request.num_images))
-        metadata = [self._metadata(request, seeds[index], job.id, index, rendered.plan) for index in range(len(images))]
+        metadata = [self._metadata(request, seeds[index], job.id, index, rendered.plan, loras=rendered.loras)
+                    for index in range(len(images))]
         paths = self.store.save_all(images, job.id, metadata)
         finished = time.perf_counter()
         timings = {
@@ -803,7 +1067,7 @@ class GenerationService:
         }
         return GenerationResult(request_id=job.id, paths=paths, seeds=seeds, request=request, plan=rendered.plan,
                                 timings=timings, warnings=rendered.warnings, recoveries=rendered.recoveries,
-                                gpu_peak_bytes=rendered.gpu_peak_bytes, images=tuple(images))
+                                gpu_peak_bytes=rendered.gpu_peak_bytes, images=tuple(images), loras=rendered.loras)
 
     def _prompt_warnings(self, prompt: str) -> list[str]:
         """Warn (instead of the pipeline's silent cut) when the prompt exceeds the text encoder's limit."""
@@ -815,7 +1079,7 @@ class GenerationService:
                 "to use all of it."]
 
     def _metadata(self, request: GenerationRequest, seed: int, request_id: str, index: int,
-                  plan: MemoryPlan) -> dict[str, Any]:
+                  plan: MemoryPlan, loras: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
         return {
             "prompt": request.prompt,
             "seed": seed,
@@ -825,8 +1089,14 @@ class GenerationService:
             "guidance_scale": request.guidance_scale,
             "mode": request.mode,
             **({"strength": request.strength} if request.strength is not None else {}),
-            **({"inputs": [{"name": name, "sha256": digest} for name, digest in request.inputs]}
-               if request.inputs else {}),
+            **({"controlnet_conditioning_scale": request.controlnet_conditioning_scale, "controlnet":
+                self.controlnet_label} if request.controlnet_conditioning_scale is not None else {}),
+            **({"negative_prompt": request.negative_prompt}
+               if request.negative_prompt and request.guidance_scale > 0 else {}),
+            # (name, sha256) or (name, sha256, role): role says which input it was ("image", "mask", "control_image").
+            **({"inputs": [{"name": entry[0], "sha256": entry[1], **({"role": entry[2]} if len(entry) > 2 else {})}
+                           for entry in request.inputs]} if request.inputs else {}),
+            **({"loras": [dict(lora) for lora in loras]} if loras else {}),  # name, weight, sha256 of the file
             "model": self.model_label,
             "profile": plan.describe(),
             "version": __version__,
@@ -858,6 +1128,8 @@ class GenerationService:
                 record["recoveries"] = list(result.recoveries)
             if result.gpu_peak_bytes is not None:
                 record["gpu_peak_bytes"] = result.gpu_peak_bytes
+        if getattr(request, "loras", ()):
+            record["loras"] = _loggable_loras(request.loras)
         if error is not None:
             record["error"] = error
         record.update({key: value for key, value in extra.items() if value not in (None, "")})
@@ -869,6 +1141,23 @@ class GenerationService:
 def _loggable(value: Any) -> Any:
     """A request value as strict JSON: whole numbers as they are, anything else (NaN, huge strings) as a short repr."""
     return value if value is None or _is_whole_number(value) else _shown(value, 40)
+
+
+def _loggable_loras(loras: Any) -> Any:
+    """A request's LoRAs as strict JSON: [{"name", "weight"}] when well-formed, else a short repr (a refused value)."""
+    import math
+
+    try:
+        if len(loras) <= MAX_LORAS and all(isinstance(name, str) and len(name) <= 200 and _is_number(weight)
+                                            and math.isfinite(weight) for name, weight in loras):
+            return [{"name": name, "weight": weight} for name, weight in loras]
+    except (TypeError, ValueError):
+        pass
+    return _shown(loras, 120)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _first_line(exc: BaseException) -> str:

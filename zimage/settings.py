@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .model_family import FAMILY_CHOICES
+
 DEFAULT_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
 ENV_PREFIX = "ZIMAGE_"
 
@@ -55,10 +57,24 @@ class Settings:
     """Everything the engine, the web app and the tools can be configured with."""
 
     # Model and precision
-    model: str = _setting(DEFAULT_MODEL_ID, help="Hub repo id or local diffusers folder of Z-Image-Turbo.",
+    model: str = _setting(DEFAULT_MODEL_ID, help="Hub repo id or local diffusers folder of Z-Image-Turbo (or of "
+                                                 "Z-Image, the base model).",
                           metavar="ID_OR_PATH")
     demo: bool = _setting(False, help="Use the built-in tiny demo model (random weights, noise images; "
                                       "no download). For trying the service and for tests.")
+    controlnet: str = _setting("", metavar="ID_OR_PATH",
+                               help="A Z-Image ControlNet for the controlnet modes: a diffusers folder, a .safetensors "
+                                    "checkpoint, or a hub id (alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1, or "
+                                    "owner/name/FILE.safetensors to pick one file of a repository). Empty: none, "
+                                    "except that --demo loads the demo model's tiny ControlNet; 'none' turns that "
+                                    "off.")
+    model_family: str = _setting("auto", choices=FAMILY_CHOICES,
+                                 help="Which Z-Image the model is, for the request defaults: turbo (8 steps, no "
+                                      "guidance) or base (Tongyi-MAI/Z-Image: 28 steps, guidance 4, negative prompt). "
+                                      "auto reads it from the model's scheduler config, then its name.")
+    lora_dir: Path | None = _setting(None, metavar="DIR",
+                                     help="Folder of LoRA adapters (.safetensors) requests may name; default "
+                                          "<data-dir>/loras.")
     dtype: str = _setting("auto", choices=DTYPE_CHOICES,
                           help="Weight precision. auto: bf16 on a GPU that supports it (the model was trained "
                                "in bf16), fp16 on older GPUs; on a CPU bf16 where it has bf16 instructions "
@@ -106,6 +122,20 @@ class Settings:
         _validate(self)
 
     @property
+    def lora_folder(self) -> Path:
+        """Where LoRA adapters are read from: ``lora_dir``, or ``<data_dir>/loras``."""
+        return self.lora_dir if self.lora_dir is not None else Path(self.data_dir) / "loras"
+
+    @property
+    def controlnet_choice(self) -> str:
+        """The ControlNet to load: "" for none, "demo", or a hub id / path (--demo alone means "demo")."""
+        if self.controlnet == "none":
+            return ""
+        if self.demo and not self.controlnet:
+            return "demo"
+        return self.controlnet
+
+    @property
     def model_source(self) -> str:
         """What the loader loads: 'demo' or the model id/path, for messages and metadata."""
         return "demo" if self.demo else self.model
@@ -120,6 +150,14 @@ def _validate(s: Settings) -> None:
             )
 
     choice("dtype", s.dtype, DTYPE_CHOICES)
+    choice("model_family", s.model_family, FAMILY_CHOICES)
+    if s.demo and s.controlnet not in ("", "demo", "none"):
+        raise SettingsError(f"controlnet={s.controlnet!r} cannot be combined with --demo (the demo model's tiny "
+                            "transformer fits only its own ControlNet): leave --controlnet out (or 'none'), or drop "
+                            "--demo.")
+    if s.controlnet == "demo" and not s.demo:
+        raise SettingsError("controlnet='demo' is the demo model's ControlNet: use it with --demo, or give a "
+                            "ControlNet's hub id or path.")
     choice("memory_profile", s.memory_profile, PROFILE_CHOICES)
     for option in s.memory_options:
         choice("memory_options", option, OPTION_CHOICES)

@@ -105,3 +105,87 @@ def read_mask(data: bytes, name: str, *, max_bytes: int, size: tuple[int, int]) 
     if mask.getextrema() == (0, 0):
         raise ValidationError(f"{name} is all black: paint (white) the area to repaint.")
     return InputImage(image=mask, name=name, sha256=decoded.sha256, original_size=decoded.original_size)
+
+
+def nearest_valid_size(width: int, height: int, *, min_side: int = 256, max_side: int = 2048,
+                       multiple: int = 16) -> tuple[int, int]:
+    """The output size closest to an input of ``width`` x ``height`` pixels that the model can make.
+
+    Keeps the aspect ratio: scaled down so the longer side is at most ``max_side`` (or up so the shorter side is
+    at least ``min_side``), then each side rounded to a multiple of ``multiple`` within [min_side, max_side].
+    Used to suggest the size of an image-to-image request from its input.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width={width} and height={height} must be positive")
+    scale = min(1.0, max_side / max(width, height))
+    if min(width, height) * scale < min_side:
+        scale = min_side / min(width, height)
+
+    def side(value: float) -> int:
+        return int(min(max_side, max(min_side, round(value * scale / multiple) * multiple)))
+
+    return side(width), side(height)
+
+
+def read_layers_mask(layers: list[tuple[bytes, str]], *, max_bytes: int, size: tuple[int, int]) -> InputImage:
+    """A mask from brush layers (RGBA, strokes on a transparent background, as Gradio's ImageEditor sends them):
+    the union of every layer's painted pixels, resized to ``size`` and binarised (white: repaint).
+
+    ``sha256`` is the hash of the binarised mask's pixels (the layers are not files the user has). Raises
+    :class:`ValidationError` when nothing was painted, or a layer cannot be read.
+    """
+    from PIL import Image, ImageChops
+
+    union = None
+    for data, name in layers:
+        alpha = read_image(data, name, max_bytes=max_bytes, mode="RGBA").image.getchannel("A")
+        if alpha.size != size:
+            alpha = alpha.resize(size, Image.Resampling.NEAREST)
+        union = alpha if union is None else ImageChops.lighter(union, alpha)
+    if union is None or union.getextrema()[1] < MASK_THRESHOLD:
+        raise ValidationError("no area is painted: paint over the part of the image to repaint (the brush in the "
+                              "image editor), or send a mask.")
+    mask = union.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)
+    return InputImage(image=mask, name="painted mask", sha256=hashlib.sha256(mask.tobytes()).hexdigest(),
+                      original_size=size)
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """The images of one request, ready for :class:`zimage.service.GenerationRequest`.
+
+    ``fields``: ``image``, ``mask`` and ``control_image`` (PIL, the request's size) for those given;
+    ``inputs``: (file name, sha256, role) per file, for the PNG metadata; ``notes``: warnings for the result
+    (an input resized to the request's size).
+    """
+
+    fields: dict[str, Any]
+    inputs: tuple[tuple[str, str, str], ...]
+    notes: tuple[str, ...]
+
+
+def prepare_inputs(width: int, height: int, *, max_bytes: int, image: tuple[bytes, str] | None = None,
+                   mask: tuple[bytes, str] | None = None, control_image: tuple[bytes, str] | None = None,
+                   mask_layers: list[tuple[bytes, str]] | None = None) -> PreparedInputs:
+    """Read a request's uploaded files, each given as (bytes, file name): the input image and the control image
+    fitted to ``width`` x ``height``, the mask (a file, or the painted layers of an image editor) binarised at
+    that size. Raises :class:`ValidationError` naming the file and the fix."""
+    fields: dict[str, Any] = {}
+    inputs: list[tuple[str, str, str]] = []
+    notes: list[str] = []
+    for role, given in (("image", image), ("control_image", control_image)):
+        if given is None:
+            continue
+        source = read_image(given[0], given[1], max_bytes=max_bytes)
+        fields[role], note = fit_to_size(source.image, width, height, given[1])
+        inputs.append((given[1], source.sha256, role))
+        notes.extend([note] if note else [])
+    if mask_layers is not None:
+        painted = read_layers_mask(mask_layers, max_bytes=max_bytes, size=(width, height))
+        fields["mask"] = painted.image
+        inputs.append((painted.name, painted.sha256, "mask"))
+    elif mask is not None:
+        read = read_mask(mask[0], mask[1], max_bytes=max_bytes, size=(width, height))
+        fields["mask"] = read.image
+        inputs.append((mask[1], read.sha256, "mask"))
+    return PreparedInputs(fields=fields, inputs=tuple(inputs), notes=tuple(notes))

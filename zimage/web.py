@@ -15,30 +15,35 @@ stage through ``gr.Progress`` and yields a heartbeat while it waits, so
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
 import secrets
 import threading
+from pathlib import Path
 from typing import Any
 
-import gradio as gr  # the web door is Gradio; app.py sets GRADIO_TEMP_DIR before importing this module
+import gradio as gr
+import gradio.utils  # the web door is Gradio; app.py sets GRADIO_TEMP_DIR before importing this module
 
 from .errors import GenerationCancelled, QueueFull, ServiceNotReady, ValidationError, ZImageError
 from .jobs import Job, watch
 from .metrics import Metrics
 from .service import (
     DEFAULT_SIDE_PX,
-    DEFAULT_STEPS,
     MAX_IMAGES,
     MAX_SIDE_PX,
     MAX_STEPS,
     MIN_SIDE_PX,
+    MAX_GUIDANCE,
     SIDE_MULTIPLE_PX,
     GenerationRequest,
     GenerationService,
+    _shown,
 )
 from .settings import Settings, read_auth_pairs
+from .uploads import PreparedInputs, prepare_inputs
 
 log = logging.getLogger("zimage.web")
 
@@ -136,8 +141,8 @@ class JobRouting:
     """
 
     def __init__(self, app: Any, events: GradioEvents, arity: dict, on_invalid: Any) -> None:
-        """``arity``: the number of inputs of each queued event, by fn_index (int) and by api_name (str), from
-        the events' public config; ``on_invalid(message)`` counts and logs a call with the wrong number."""
+        """``arity``: the parameter names of each queued event, by fn_index (int) and by api_name (str), from
+        the events' public config (and its API name under ``("name", fn_index)``); ``on_invalid(message)`` counts and logs a call with the wrong number."""
         self.app = app
         self.events = events
         self.arity = arity
@@ -145,34 +150,55 @@ class JobRouting:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if scope.get("method") == "POST" and path.endswith("/queue/join"):
-            await self._join(scope, receive, send)
-        elif scope.get("method") == "POST" and path.endswith("/cancel"):
+        post = scope.get("method") == "POST"
+        if post and path.endswith("/cancel"):
             await self._cancel(scope, receive, send)
-        elif scope.get("method") == "POST" and "/call/" in path:
-            body, receive = await _read_body(receive)
-            if not await self._check_arity(send, path.rstrip("/").rsplit("/", 1)[-1], body):
-                await self.app(scope, receive, send)
+            return
+        if not (post and (path.endswith("/queue/join") or "/call/" in path or "/run/" in path or "/api/" in path)):
+            await self.app(scope, receive, send)
+            return
+        body, receive = await _read_body(receive)
+        if await self._check_files(send, body):
+            return
+        if path.endswith("/queue/join"):
+            await self._join(scope, body, receive, send)
+        elif "/call/" in path and await self._check_arity(send, path.rstrip("/").rsplit("/", 1)[-1], body):
+            return
         else:
             await self.app(scope, receive, send)
+
+    async def _check_files(self, send: Any, body: bytes) -> bool:
+        """Answer 422 (and return True) when a file record in the call names anything but an uploaded file.
+
+        Gradio copies every file record's path (or URL) into its cache before any handler runs, and for an app
+        mounted with ``mount_gradio_app`` it does not check where the path points: a client could name any file
+        this process can read, or make it fetch a URL. Only files uploaded to this server are let through."""
+        data = _json_field(body, "data")
+        foreign = _foreign_file(data, Path(gradio.utils.get_upload_folder()).resolve()) if data else None
+        if foreign is None:
+            return False
+        message = (f"the file {_shown(foreign, 80)} was not uploaded to this server: upload files first "
+                   "(the page and gradio_client's handle_file do), then send the path the upload returned.")
+        self.on_invalid(message)
+        await _send_json(send, 422, {"error": message, "detail": message})
+        return True
 
     async def _check_arity(self, send: Any, key: Any, body: bytes) -> bool:
         """Answer 422 (and return True) when ``body`` has the wrong number of inputs for the event ``key``.
 
         Gradio would raise deep inside and print a traceback; this says what is expected, in one line."""
-        expected, data = self.arity.get(key), _json_field(body, "data")
-        if expected is None or not isinstance(data, list) or len(data) == expected:
+        names, data = self.arity.get(key), _json_field(body, "data")
+        if names is None or not isinstance(data, list) or len(data) == len(names):
             return False
-        message = (f"/{key if isinstance(key, str) else 'generate'} takes {expected} values (prompt, width, height, "
-                   f"steps, seed, num_images); {len(data)} were sent.")
+        endpoint = key if isinstance(key, str) else self.arity.get(("name", key), "this endpoint")
+        message = f"/{endpoint} takes {len(names)} values ({', '.join(names)}); {len(data)} were sent."
         self.on_invalid(message)
         await _send_json(send, 422, {"error": message, "detail": message})
         return True
 
-    async def _join(self, scope: dict, receive: Any, send: Any) -> None:
+    async def _join(self, scope: dict, body: bytes, receive: Any, send: Any) -> None:
         join_id = secrets.token_hex(8)
         scope.setdefault("state", {})["zimage_join_id"] = join_id
-        body, receive = await _read_body(receive)
         if await self._check_arity(send, _json_field(body, "fn_index"), body):
             return
         session_hash = _json_field(body, "session_hash")
@@ -228,6 +254,31 @@ async def _read_body(receive: Any) -> tuple[bytes, Any]:
     return body, replay
 
 
+def _foreign_file(value: Any, upload_folder: Path, depth: int = 0) -> str | None:
+    """The first file record (a dict with a ``path``) in ``value`` whose path is not inside ``upload_folder``."""
+    if depth > 8:  # Gradio's values nest a few levels (an editor's layers); deeper is not a real call
+        return "a value nested too deeply"
+    if isinstance(value, dict):
+        path = value.get("path")
+        if isinstance(path, str) and path:
+            try:
+                inside = Path(path).resolve().is_relative_to(upload_folder)
+            except (OSError, ValueError):
+                inside = False
+            if not inside:
+                return path
+        items = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        found = _foreign_file(item, upload_folder, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def _json_field(body: bytes, name: str) -> Any:
     try:
         value = json.loads(body or b"{}")
@@ -263,23 +314,117 @@ def _seed_value(seed: Any) -> Any:
     return seed
 
 
-class WebGenerator:
-    """The ``/generate`` handler over the service (one per app)."""
+def parse_loras(value: Any) -> tuple[tuple[Any, Any], ...]:
+    """The ``loras`` parameter of the API: empty, or a list of ``{"name": str, "weight": number}`` objects (or
+    ``[name, weight]`` pairs); the weight defaults to 1.0. Names and weights are checked by the service.
 
-    def __init__(self, service: GenerationService, events: GradioEvents) -> None:
+    Raises :class:`ValidationError` for any other shape.
+    """
+    if value in (None, "", []):
+        return ()
+    if not isinstance(value, list):
+        raise ValidationError(f"loras={_shown(value)} must be a list of {{\"name\": ..., \"weight\": ...}} objects.")
+    parsed = []
+    for item in value:
+        if isinstance(item, dict) and "name" in item and set(item) <= {"name", "weight"}:
+            parsed.append((item["name"], item.get("weight", 1.0)))
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            parsed.append((item[0], item[1]))
+        else:
+            raise ValidationError(f"loras has the entry {_shown(item)}: write each as {{\"name\": \"NAME\", "
+                                  "\"weight\": 1.0}.")
+    return tuple(parsed)
+
+
+class WebGenerator:
+    """The handlers of the generation endpoints over the service (one per app).
+
+    Every handler takes the values as the client sent them (``preprocess=False``): numbers are checked by the
+    service, never rounded by Gradio, and files arrive as Gradio's file records, whose path must lie in
+    Gradio's upload folder (a client cannot name any other file of this machine).
+    """
+
+    def __init__(self, service: GenerationService, events: GradioEvents, settings: Settings) -> None:
         self.service = service
         self.events = events
+        self.max_upload_bytes = settings.max_upload_mb * 2**20
 
+    # --- The endpoints (their parameter names are the API's) ------------------------------------------
     async def generate(self, prompt: Any, width: Any, height: Any, steps: Any, seed: Any, num_images: Any,
+                       guidance_scale: Any = 0.0, negative_prompt: Any = "", loras: Any = None,
                        request: gr.Request = None, progress: gr.Progress = gr.Progress()):
-        """Generate image(s): yields Gradio's "no change" while the job waits and runs, then (gallery, info).
+        """Text to image: yields Gradio's "no change" while the job waits and runs, then (gallery, info).
 
-        Inputs arrive unprocessed (the event has ``preprocess=False``) so the service sees the client's
-        values as they are: 256.5 or ``true`` are refused, never rounded. seed -1 (or empty) draws a
-        random seed; the used seed is in the returned info.
+        seed -1 (or empty) draws a random seed; the used seed is in the returned info.
         """
-        job_request = GenerationRequest(prompt=prompt, width=width, height=height, steps=steps,
-                                        seed=_seed_value(seed), num_images=num_images)
+        async for output in self._run(request, progress, {}, prompt=prompt, width=width, height=height, steps=steps,
+                                      seed=seed, num_images=num_images, guidance_scale=guidance_scale,
+                                      negative_prompt=negative_prompt, loras=loras):
+            yield output
+
+    async def img2img(self, prompt: Any, image: Any, strength: Any, width: Any, height: Any, steps: Any, seed: Any,
+                      num_images: Any, guidance_scale: Any = 0.0, negative_prompt: Any = "", loras: Any = None,
+                      request: gr.Request = None, progress: gr.Progress = gr.Progress()):
+        """Image to image: ``image`` (PNG/JPEG/WebP, resized to width x height) repainted by ``strength`` (0, 1]."""
+        async for output in self._run(request, progress, {"image": image}, prompt=prompt, strength=strength,
+                                      width=width, height=height, steps=steps, seed=seed, num_images=num_images,
+                                      guidance_scale=guidance_scale, negative_prompt=negative_prompt, loras=loras):
+            yield output
+
+    async def inpaint(self, prompt: Any, image: Any, mask: Any, strength: Any, width: Any, height: Any, steps: Any,
+                      seed: Any, num_images: Any, guidance_scale: Any = 0.0, negative_prompt: Any = "",
+                      loras: Any = None, request: gr.Request = None, progress: gr.Progress = gr.Progress()):
+        """Inpainting: the white area of ``mask`` (or the painted strokes of a transparent PNG) is repainted."""
+        async for output in self._run(request, progress, {"image": image, "mask": mask}, prompt=prompt,
+                                      strength=strength, width=width, height=height, steps=steps, seed=seed,
+                                      num_images=num_images, guidance_scale=guidance_scale,
+                                      negative_prompt=negative_prompt, loras=loras):
+            yield output
+
+    async def controlnet(self, prompt: Any, control_image: Any, controlnet_conditioning_scale: Any, width: Any,
+                         height: Any, steps: Any, seed: Any, num_images: Any, image: Any = None, mask: Any = None,
+                         guidance_scale: Any = 0.0, negative_prompt: Any = "", loras: Any = None,
+                         request: gr.Request = None, progress: gr.Progress = gr.Progress()):
+        """ControlNet: the image follows ``control_image`` (edges, depth, pose...); with ``image`` and ``mask``
+        only the mask's white area is repainted."""
+        async for output in self._run(request, progress, {"control_image": control_image, "image": image,
+                                                          "mask": mask},
+                                      prompt=prompt, controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                      width=width, height=height, steps=steps, seed=seed, num_images=num_images,
+                                      guidance_scale=guidance_scale, negative_prompt=negative_prompt, loras=loras):
+            yield output
+
+    # The page's editors: an ImageEditor value is the background image and the painted layers.
+    async def inpaint_editor(self, prompt: Any, editor: Any, strength: Any, width: Any, height: Any, steps: Any,
+                             seed: Any, num_images: Any, guidance_scale: Any, negative_prompt: Any, loras: Any,
+                             request: gr.Request = None, progress: gr.Progress = gr.Progress()):
+        async for output in self._run(request, progress, {"editor": editor}, prompt=prompt, strength=strength,
+                                      width=width, height=height, steps=steps, seed=seed, num_images=num_images,
+                                      guidance_scale=guidance_scale, negative_prompt=negative_prompt, loras=loras):
+            yield output
+
+    async def controlnet_editor(self, prompt: Any, control_image: Any, controlnet_conditioning_scale: Any,
+                                editor: Any, width: Any, height: Any, steps: Any, seed: Any, num_images: Any,
+                                guidance_scale: Any, negative_prompt: Any, loras: Any,
+                                request: gr.Request = None, progress: gr.Progress = gr.Progress()):
+        files = {"control_image": control_image, "editor": editor if _editor_has_image(editor) else None}
+        async for output in self._run(request, progress, files, prompt=prompt,
+                                      controlnet_conditioning_scale=controlnet_conditioning_scale, width=width,
+                                      height=height, steps=steps, seed=seed, num_images=num_images,
+                                      guidance_scale=guidance_scale, negative_prompt=negative_prompt, loras=loras):
+            yield output
+
+    # --- One job ---------------------------------------------------------------------------------------
+    async def _run(self, request: Any, progress: Any, files: dict[str, Any], *, seed: Any, loras: Any,
+                   negative_prompt: Any, **values: Any):
+        try:
+            inputs = await asyncio.to_thread(self._read_files, files, values.get("width"), values.get("height"))
+            job_request = GenerationRequest(seed=_seed_value(seed), loras=parse_loras(loras),
+                                            negative_prompt="" if negative_prompt is None else negative_prompt,
+                                            inputs=inputs.inputs, **values, **inputs.fields)
+        except ValidationError as exc:
+            _refused_call(self.service, str(exc))
+            raise _shown_error("Invalid request", str(exc)) from None
         try:
             job = self.service.submit(job_request)
         except QueueFull as exc:
@@ -308,7 +453,56 @@ class WebGenerator:
         except ZImageError as exc:
             raise _shown_error("Generation failed", str(exc)) from None
         gallery = [(str(path), f"seed {seed}") for path, seed in zip(result.paths, result.seeds)]
-        yield gallery, result.info()
+        info = result.info()
+        info["warnings"] = list(inputs.notes) + info["warnings"]
+        yield gallery, info
+
+    def _read_files(self, files: dict[str, Any], width: Any, height: Any) -> PreparedInputs:
+        """Read and check the request's images (in a worker thread: decoding takes time)."""
+        if not any(value is not None for value in files.values()) or not (_is_pixels(width) and _is_pixels(height)):
+            # Nothing to read, or a size the service refuses itself, with the usual message.
+            return PreparedInputs(fields={}, inputs=(), notes=())
+        editor = files.pop("editor", None)
+        layers = None
+        if editor is not None:
+            if not _editor_has_image(editor):
+                raise ValidationError("the image editor is empty: upload the image to repaint, then paint over "
+                                      "the area to change.")
+            files["image"] = editor["background"]
+            layers = [self._upload(layer, "painted layer") for layer in editor.get("layers") or [] if layer]
+        read = {role: self._upload(value, role) for role, value in files.items() if value is not None}
+        return prepare_inputs(width, height, max_bytes=self.max_upload_bytes, mask_layers=layers, **read)
+
+    def _upload(self, value: Any, what: str) -> tuple[bytes, str]:
+        """The bytes and name of an uploaded file given as Gradio's file record (``{"path": ...}``).
+
+        Only files in Gradio's upload folder are read: with ``preprocess=False`` Gradio passes the record as the
+        client wrote it, so the path is checked here.
+        """
+        path = value.get("path") if isinstance(value, dict) else None
+        if not isinstance(path, str) or not path:
+            raise ValidationError(f"{what} must be an uploaded image file (gradio_client: handle_file(PATH)); got "
+                                  f"{_shown(value)}.")
+        name = value.get("orig_name") or Path(path).name
+        name = name if isinstance(name, str) else Path(path).name
+        folder = Path(gradio.utils.get_upload_folder()).resolve()
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(folder) or not resolved.is_file():
+            raise ValidationError(f"{what} {_shown(name)} is not a file uploaded to this server: upload it first "
+                                  "(gradio_client's handle_file does).")
+        size_bytes = resolved.stat().st_size
+        if size_bytes > self.max_upload_bytes:
+            raise ValidationError(f"{name} is {size_bytes / 2**20:.1f} MB: the limit is "
+                                  f"{self.max_upload_bytes / 2**20:.0f} MB (--max-upload-mb).")
+        return resolved.read_bytes(), name
+
+
+def _is_pixels(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _editor_has_image(editor: Any) -> bool:
+    return isinstance(editor, dict) and editor.get("background") is not None
 
 
 def _join_id(request: Any) -> str | None:
@@ -329,8 +523,20 @@ def remember(gallery: list, info: dict, history: list) -> tuple[list, list, str]
     return history, history, _status_line(info)
 
 
-def job_started() -> tuple[Any, str]:
-    return gr.update(interactive=True), ""
+#: The page's modes: tab id -> (tab label, label of the API endpoint the tab's Generate button calls).
+MODES = {"text": "Text to image", "img2img": "Image to image", "inpaint": "Inpainting", "controlnet": "ControlNet"}
+#: LoRA rows on the page (the service accepts at most this many per request).
+LORA_ROWS = 4
+
+
+def job_started(*rows: Any) -> tuple[Any, str, list]:
+    """Enable Cancel, clear the status and collect the LoRA rows (name, weight, name, weight...) for the job."""
+    return gr.update(interactive=True), "", lora_rows_value(rows)
+
+
+def lora_rows_value(rows: tuple[Any, ...]) -> list[dict]:
+    """The page's LoRA rows as the API's ``loras`` value: rows without a name are skipped."""
+    return [{"name": name, "weight": weight} for name, weight in zip(rows[0::2], rows[1::2]) if name]
 
 
 def job_ended() -> Any:
@@ -341,6 +547,69 @@ def cancel_requested() -> tuple[str, Any]:
     return "**Cancelled.**", gr.update(interactive=False)
 
 
+def show_mode(mode: str) -> list[Any]:
+    """Only the selected tab's Generate button is shown: each calls its own endpoint."""
+    return [gr.update(visible=name == mode) for name in MODES]
+
+
+def size_from_image(path: Any) -> tuple[Any, Any, Any]:
+    """After an upload: the size presets switch to Custom with the nearest size the model can make."""
+    from PIL import Image
+
+    from .uploads import nearest_valid_size
+
+    if isinstance(path, dict):  # an ImageEditor value: the uploaded image is its background
+        path = path.get("background")
+    if not path:
+        return gr.skip(), gr.skip(), gr.skip()
+    try:
+        with Image.open(path) as image:
+            width, height = nearest_valid_size(*image.size)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return gr.skip(), gr.skip(), gr.skip()  # the job refuses the file with the full message
+    return (CUSTOM_SIZE, gr.update(value=width, interactive=True), gr.update(value=height, interactive=True))
+
+
+def use_as_input(gallery: list, selected: Any) -> list[Any]:
+    """Send the selected result (else the first) to image-to-image, and switch to that tab."""
+    if not gallery:
+        raise gr.Error("There is no result to use yet: generate an image first.", title="No image")
+    index = selected if isinstance(selected, int) and 0 <= selected < len(gallery) else 0
+    item = gallery[index]
+    path = item[0] if isinstance(item, (list, tuple)) else item
+    return [path, gr.Tabs(selected="img2img"), *show_mode("img2img")]
+
+
+def fill_from_png(path: Any) -> list[Any]:
+    """Fill the form from the parameters saved in one of this server's PNGs (prompt, seed, size, steps, LoRAs)."""
+    from .storage import read_metadata
+
+    keep = [gr.skip()] * (9 + 2 * LORA_ROWS)
+    if not path:
+        return keep
+    try:
+        meta = read_metadata(Path(path))
+    except (OSError, ValueError) as exc:
+        gr.Warning(f"That file has no parameters from this server ({exc}): drop a PNG generated here.")
+        return keep
+    loras = [entry for entry in meta.get("loras") or [] if isinstance(entry, dict)][:LORA_ROWS]
+    rows: list[Any] = []
+    for index in range(LORA_ROWS):
+        entry = loras[index] if index < len(loras) else {}
+        rows += [entry.get("name"), entry.get("weight", 1.0)]
+    guidance = meta.get("guidance_scale", gr.skip())
+    return [meta.get("prompt", gr.skip()), meta.get("negative_prompt", ""), CUSTOM_SIZE,
+            gr.update(value=meta["width"], interactive=True) if "width" in meta else gr.skip(),
+            gr.update(value=meta["height"], interactive=True) if "height" in meta else gr.skip(),
+            meta.get("steps", gr.skip()), guidance, meta.get("seed", gr.skip()),
+            f"Settings of {Path(path).name} loaded (seed {meta.get('seed')}).", *rows]
+
+
+def lora_choices(service: GenerationService) -> list[str]:
+    """Names of the LoRAs in the folder that fit this model, for the page's pickers."""
+    return [entry.info()["name"] for entry in service.list_loras() if entry.info().get("fits")]
+
+
 def build_app(settings: Settings, service: GenerationService) -> Any:
     """Build the FastAPI app: Gradio UI and API at ``/``, ``/healthz``, ``/metrics``."""
     import fastapi
@@ -348,10 +617,14 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
 
     metrics = Metrics(service)
     events = GradioEvents()
-    door = WebGenerator(service, events)
+    door = WebGenerator(service, events, settings)
+    defaults = service.defaults
+    has_controlnet = service.has_controlnet
+    choices = lora_choices(service)
 
-    with gr.Blocks(title="Z-Image-Turbo", delete_cache=GRADIO_CACHE_SWEEP, analytics_enabled=False) as blocks:
-        gr.Markdown("## Z-Image-Turbo\nText to image, one job at a time on this server's GPU.")
+    with gr.Blocks(title=defaults.label, delete_cache=GRADIO_CACHE_SWEEP, analytics_enabled=False) as blocks:
+        gr.Markdown(f"## {defaults.label}\nText to image, image to image, inpainting"
+                    f"{' and ControlNet' if has_controlnet else ''}; one job at a time on this server's GPU.")
         if settings.demo:
             gr.Markdown("**Demo model loaded:** a tiny model with random weights. Images are noise; the "
                         "service, queue and progress work as with the real model.", elem_id="demo-banner")
@@ -359,7 +632,39 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, elem_id="prompt",
                                     placeholder="Describe the image, in Chinese or English")
+                negative_prompt = gr.Textbox(label="Negative prompt", value="", lines=2, max_lines=6,
+                                             elem_id="negative-prompt", placeholder="What the image should not show (used when guidance > 0)",
+                                             visible=defaults.guidance_scale > 0)
                 gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Examples")
+                with gr.Tabs(elem_id="modes") as tabs:
+                    with gr.Tab(MODES["text"], id="text") as text_tab:
+                        gr.Markdown("The prompt alone; set the size below.")
+                    with gr.Tab(MODES["img2img"], id="img2img", elem_id="tab-img2img") as img2img_tab:
+                        source_image = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
+                                                format="png", height=320, elem_id="img2img-image")
+                        img2img_strength = gr.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05,
+                                                     value=0.6, info="How much is repainted: 1 ignores the input")
+                    with gr.Tab(MODES["inpaint"], id="inpaint", elem_id="tab-inpaint") as inpaint_tab:
+                        editor = gr.ImageEditor(label="Upload the image, then paint over what to change",
+                                                type="filepath", format="png", sources=["upload", "clipboard"],
+                                                layers=False, transforms=(), height=380, elem_id="inpaint-editor",
+                                                brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff",
+                                                               color_mode="fixed", default_size=24))
+                        inpaint_strength = gr.Slider(label="Strength", minimum=0.05, maximum=1.0, step=0.05,
+                                                     value=1.0, info="1 repaints the painted area from scratch")
+                    with gr.Tab(MODES["controlnet"], id="controlnet", visible=has_controlnet,
+                                elem_id="tab-controlnet") as controlnet_tab:
+                        control_image = gr.Image(label="Control image (edges, depth, pose...)", type="filepath",
+                                                 sources=["upload", "clipboard"], format="png", height=320,
+                                                 elem_id="control-image")
+                        control_scale = gr.Slider(label="Control strength", minimum=0.0, maximum=2.0, step=0.05,
+                                                  value=0.75, info="controlnet_conditioning_scale")
+                        with gr.Accordion("Repaint only part of an image (optional)", open=False):
+                            control_editor = gr.ImageEditor(
+                                label="Image and the area to repaint", type="filepath", format="png",
+                                sources=["upload", "clipboard"], layers=False, transforms=(), height=320,
+                                brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed",
+                                               default_size=24))
                 preset = gr.Dropdown(label="Size", choices=list(SIZE_PRESETS) + [CUSTOM_SIZE],
                                      value=next(iter(SIZE_PRESETS)))
                 with gr.Row():
@@ -369,41 +674,114 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
                     height = gr.Number(label="Height", value=DEFAULT_SIDE_PX, precision=None, minimum=MIN_SIDE_PX,
                                        maximum=MAX_SIDE_PX, step=SIDE_MULTIPLE_PX, interactive=False)
                 with gr.Row():
-                    steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=DEFAULT_STEPS,
-                                      info=f"Turbo is distilled for {DEFAULT_STEPS}")
+                    steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=defaults.steps,
+                                      info=defaults.steps_note)
                     num_images = gr.Slider(label="Images", minimum=1, maximum=MAX_IMAGES, step=1, value=1)
+                guidance = gr.Slider(label="Guidance scale", minimum=0.0, maximum=MAX_GUIDANCE, step=0.1,
+                                     value=defaults.guidance_scale, elem_id="guidance",
+                                     info="0 for Turbo (guidance-distilled); above 0 runs CFG: twice the work")
                 with gr.Row():
                     seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=None, minimum=-1,
                                      maximum=2**32 - 1)
                     random_seed = gr.Button("Random seed", size="sm")
                     reuse_seed = gr.Button("Reuse last seed", size="sm")
+                with gr.Accordion(f"LoRA adapters ({len(choices)} in the folder)", open=bool(choices),
+                                  elem_id="loras"):
+                    lora_rows: list[Any] = []
+                    row_boxes: list[Any] = []
+                    for index in range(LORA_ROWS):
+                        with gr.Row(visible=index == 0) as box:  # the next row appears once this one is used
+                            row_boxes.append(box)
+                            lora_rows.append(gr.Dropdown(label=f"LoRA {index + 1}", choices=choices, value=None,
+                                                         elem_id=f"lora-{index}", scale=3))
+                            lora_rows.append(gr.Slider(label="Weight", minimum=-2.0, maximum=2.0, step=0.05,
+                                                       value=1.0, elem_id=f"lora-weight-{index}", scale=2))
+                    refresh_loras = gr.Button("Rescan the LoRA folder", size="sm")
+                    loras_value = gr.JSON(value=[], visible=False, label="loras")
                 with gr.Row():
-                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    buttons = [gr.Button("Generate", variant="primary", visible=mode == "text",
+                                         elem_id="generate" if mode == "text" else f"generate-{mode}")
+                               for mode in MODES]
                     cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel", interactive=False)
+                with gr.Accordion("Reuse the settings of an image made here", open=False):
+                    png_drop = gr.File(label="Drop a PNG generated by this server", file_types=[".png"],
+                                       type="filepath", elem_id="png-drop", height=120)
             with gr.Column(scale=3):
                 result = gr.Gallery(label="Result", format="png", columns=2, height=560, elem_id="result",
                                     interactive=False)
+                use_button = gr.Button("Use as input (image to image)", size="sm", elem_id="use-as-input")
                 status = gr.Markdown("", elem_id="status")
                 info = gr.JSON(label="Details", visible=False)
                 history = gr.Gallery(label="This session", format="png", columns=6, height=200, interactive=False,
                                      elem_id="history")
+        # API-only endpoints: /inpaint and /controlnet take the image and the mask as files (the page's editors
+        # send a background and painted layers instead), /loras lists the LoRA folder.
+        with gr.Group(visible=False):
+            api_image = gr.Image(label="image", type="filepath", visible=False)
+            api_mask = gr.Image(label="mask", type="filepath", visible=False)
+            api_control = gr.Image(label="control_image", type="filepath", visible=False)
+            api_inpaint, api_controlnet, api_loras = (gr.Button(visible=False) for _ in range(3))
+            loras_listing = gr.JSON(visible=False, label="loras")
         history_state = gr.State([])
         last_info = gr.State({})
+        selected = gr.State(None)
 
         private = {"queue": False, "api_visibility": "private"}
         preset.change(pick_size, inputs=[preset], outputs=[width, height], **private)
+        guidance.change(lambda g: gr.update(visible=isinstance(g, (int, float)) and g > 0), inputs=[guidance],
+                        outputs=[negative_prompt], **private)
         random_seed.click(lambda: -1, outputs=[seed], **private)
         reuse_seed.click(lambda i: (i or {}).get("seed", -1), inputs=[last_info], outputs=[seed], **private)
-        started = generate_button.click(job_started, outputs=[cancel_button, status], **private)
-        # No Gradio concurrency limit: the handler only waits on the service, which bounds and orders jobs.
-        job = started.then(door.generate, inputs=[prompt, width, height, steps, seed, num_images],
-                           outputs=[result, info], api_name="generate", concurrency_limit=None, preprocess=False)
-        job.success(remember, inputs=[result, info, history_state], outputs=[history, history_state, status],
-                    **private).then(lambda i: i, inputs=[info], outputs=[last_info], **private)
-        job.then(job_ended, outputs=[cancel_button], **private)
-        job.failure(job_ended, outputs=[cancel_button], **private)  # an error ends the chain before "then" in the page
-        # The browser sends Gradio's /cancel with this event's id; JobRouting hands it to the service.
-        cancel_button.click(None, cancels=[job])
+        for tab, mode in zip((text_tab, img2img_tab, inpaint_tab, controlnet_tab), MODES):
+            tab.select(lambda mode=mode: show_mode(mode), outputs=buttons, **private)
+        source_image.upload(size_from_image, inputs=[source_image], outputs=[preset, width, height], **private)
+        editor.upload(size_from_image, inputs=[editor], outputs=[preset, width, height], **private)
+        result.select(_selected_index, outputs=[selected], **private)
+        use_button.click(use_as_input, inputs=[result, selected], outputs=[source_image, tabs, *buttons], **private)
+        png_drop.upload(fill_from_png, inputs=[png_drop],
+                        outputs=[prompt, negative_prompt, preset, width, height, steps, guidance, seed, status,
+                                 *lora_rows], **private)
+        for index in range(LORA_ROWS - 1):
+            lora_rows[2 * index].change(lambda name: gr.update(visible=True) if name else gr.skip(),
+                                        inputs=[lora_rows[2 * index]], outputs=[row_boxes[index + 1]], **private)
+        refresh_loras.click(lambda: [gr.update(choices=lora_choices(service)) for _ in range(LORA_ROWS)],
+                            outputs=lora_rows[0::2], **private)
+
+        common = [width, height, steps, seed, num_images, guidance, negative_prompt, loras_value]
+        jobs: list[Any] = []
+        handlers: list[tuple[Any, Any]] = []
+        ui_events = [
+            (buttons[0], door.generate, [prompt, *common], "generate", "public"),
+            (buttons[1], door.img2img, [prompt, source_image, img2img_strength, *common], "img2img", "public"),
+            (buttons[2], door.inpaint_editor, [prompt, editor, inpaint_strength, *common], "inpaint_editor",
+             "private"),
+            (buttons[3], door.controlnet_editor, [prompt, control_image, control_scale, control_editor, *common],
+             "controlnet_editor", "private"),
+        ]
+        for button, handler, inputs, api_name, visibility in ui_events:
+            started = button.click(job_started, inputs=lora_rows, outputs=[cancel_button, status, loras_value],
+                                   **private)
+            # No Gradio concurrency limit: the handler only waits on the service, which bounds and orders jobs.
+            job = started.then(handler, inputs=inputs, outputs=[result, info], api_name=api_name,
+                               api_visibility=visibility, concurrency_limit=None, preprocess=False)
+            job.success(remember, inputs=[result, info, history_state], outputs=[history, history_state, status],
+                        **private).then(lambda i: i, inputs=[info], outputs=[last_info], **private)
+            job.then(job_ended, outputs=[cancel_button], **private)
+            job.failure(job_ended, outputs=[cancel_button], **private)  # an error ends the chain before "then"
+            jobs.append(job)
+            handlers.append((job, handler))
+        for button, handler, inputs, api_name in (
+                (api_inpaint, door.inpaint, [prompt, api_image, api_mask, inpaint_strength, *common], "inpaint"),
+                (api_controlnet, door.controlnet, [prompt, api_control, control_scale, *common[:5], api_image,
+                                                   api_mask, *common[5:]], "controlnet")):
+            job = button.click(handler, inputs=inputs, outputs=[result, info], api_name=api_name,
+                               concurrency_limit=None, preprocess=False)
+            jobs.append(job)
+            handlers.append((job, handler))
+        api_loras.click(lambda: [entry.info() for entry in service.list_loras()], outputs=[loras_listing],
+                        api_name="loras", queue=False)
+        # The browser sends Gradio's /cancel with the running event's id; JobRouting hands it to the service.
+        cancel_button.click(None, cancels=jobs[:4])
         cancel_button.click(cancel_requested, outputs=[status, cancel_button], **private)
 
     blocks.queue(max_size=settings.queue_size + GRADIO_QUEUE_SLACK, default_concurrency_limit=1)
@@ -438,17 +816,35 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
         return Response(payload, media_type=content_type)
 
     app.add_middleware(_BusyCounter, on_busy=lambda: service.count_outcome("busy"))
-    arity = {job["id"]: len(job["inputs"]), job["api_name"]: len(job["inputs"])}  # the event's public config
+    arity: dict[Any, tuple[str, ...]] = {}
+    for job, handler in handlers:  # each event's public config: its id, its API name and its inputs
+        names = _parameter_names(handler, len(job["inputs"]))
+        arity[job["id"]] = arity[job["api_name"]] = names
+        arity[("name", job["id"])] = job["api_name"]
     app.add_middleware(JobRouting, events=events, arity=arity, on_invalid=lambda message: _refused_call(service, message))
     # Sign-in for every route but /healthz, no startup-events route, security headers (zimage/auth.py).
     auth_dependency = zauth.install(app, guard)
     app = gr.mount_gradio_app(
         app, blocks, path="/", auth_dependency=auth_dependency,
-        allowed_paths=[str(settings.outputs_dir.resolve())], max_file_size="1mb", show_error=True,
+        allowed_paths=[str(settings.outputs_dir.resolve())], max_file_size=f"{settings.max_upload_mb}mb", show_error=True,
         footer_links=["api"], server_name=settings.host, server_port=settings.port)
     app.state.blocks = blocks
     app.state.metrics = metrics
     return app
+
+
+def _selected_index(evt: gr.SelectData) -> Any:
+    return evt.index
+
+
+def _parameter_names(handler: Any, count: int) -> tuple[str, ...]:
+    """The API parameter names of a handler (its arguments but the request and the progress)."""
+    import inspect
+
+    if handler is None:
+        return tuple(f"value {index + 1}" for index in range(count))
+    names = [name for name in inspect.signature(handler).parameters if name not in ("request", "progress")]
+    return tuple(names[:count])
 
 
 def _shown_error(title: str, message: str) -> Exception:
