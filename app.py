@@ -15,16 +15,15 @@ signal N (130 for SIGINT, 143 for SIGTERM) cut the stop short.
 from __future__ import annotations
 
 import argparse
-import errno
 import ipaddress
 import logging
 import os
-import socket
 import sys
 import threading
 import time
 from typing import Callable
 
+from zimage.preflight import port_problem, preflight  # noqa: F401 - app.port_problem is part of its interface
 from zimage.settings import Settings, SettingsError, add_settings_arguments, read_auth_pairs, settings_from_args
 from zimage.storage import OutputStore, gradio_cache_dir
 
@@ -72,70 +71,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: only "localhost" is known to stay on this machine
         return False
-
-
-def port_problem(host: str, port: int) -> str | None:
-    """Why the server could not listen on ``host``:``port`` (one line naming the setting and the fix), or None.
-
-    Binds every address ``host`` resolves to as uvicorn will (SO_REUSEADDR, so connections of a previous
-    run in TIME_WAIT do not count as busy), then closes the sockets again. Never raises.
-    """
-    setting = f"port {port} (--port or ZIMAGE_PORT)"
-    try:
-        addresses = {info[4][:2]: info[0] for info in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                                           flags=socket.AI_PASSIVE)}
-    except socket.gaierror:
-        return (f"host {host!r} (--host or ZIMAGE_HOST) is not a known address or name: use an IP address of this "
-                "machine, 127.0.0.1 or 0.0.0.0.")
-    for address, family in addresses.items():
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio's create_server does
-            sock.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return (f"{setting} on {host} is already in use by another process: choose another port or stop "
-                        "that process.")
-            if exc.errno == errno.EADDRNOTAVAIL:
-                return (f"host {host!r} (--host or ZIMAGE_HOST) is not an address of this machine: use one of its "
-                        "addresses, 127.0.0.1 or 0.0.0.0.")
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                return (f"{setting} needs administrator rights to listen on: use a port of 1024 or more (put a "
-                        "reverse proxy in front for port 80/443).")
-            return f"cannot listen on {host}:{port} (--host/--port, ZIMAGE_HOST/ZIMAGE_PORT): {exc.strerror or exc}."
-        finally:
-            sock.close()
-    return None
-
-
-def preflight(settings: Settings, probe: Callable | None = None) -> str | None:
-    """Check what would make the app fail after a slow start; return the first problem as one line, or None.
-
-    In order: the port is free (:func:`port_problem`), the outputs folder is usable
-    (:meth:`OutputStore.problem`), and the device, dtype and memory profile can work on this machine
-    (the hardware probe, ``probe`` by default :func:`zimage.hardware.probe_devices`, and the planner; e.g.
-    ``--dtype fp16`` where ``--device auto`` finds no GPU). Runs before the demo model is built, the
-    model loaded or Gradio imported. Never raises for these problems.
-    """
-    problem = port_problem(settings.host, settings.port)
-    if problem:
-        return problem
-    problem = OutputStore(settings.outputs_dir).problem()
-    if problem:
-        return f"outputs folder: {problem}"
-    from zimage.loader import plan_for
-    from zimage.planner import PUBLISHED_SIZES, PlanError
-
-    if probe is None:
-        from zimage.hardware import probe_devices as probe
-    try:
-        # Only the errors matter here, and they do not depend on the model's sizes.
-        plan_for(settings, probe(), PUBLISHED_SIZES)
-    except PlanError as exc:
-        return str(exc)
-    return None
 
 
 def _end_gradio_streams(app) -> None:

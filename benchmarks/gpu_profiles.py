@@ -6,9 +6,11 @@ Qwen3-4B-sized text encoder, Flux VAE) is built with random weights on the GPU i
 to local disk, so the loader's real ``from_pretrained`` path and the planner's safetensors-header sizes
 are exercised. Then, at 1024x1024 and the Turbo step count, through the generation service:
 
-1. each profile and option (full, model-offload, group-offload with and without streams,
-   sequential-offload; attention-slicing, vae-tiling, fp8-storage): peak allocated and reserved
-   VRAM, median latency of ``--repeats`` runs after a warm-up, RAM used;
+1. each profile and option (full, transformer-resident, model-offload, group-offload with and without
+   streams, sequential-offload; attention-slicing, vae-tiling, fp8-storage, te-fp8-storage): peak allocated
+   and reserved VRAM, median latency of ``--repeats`` runs after a warm-up (prompt cache off), the planner's
+   predicted seconds per image beside it (from the start-up probe's rates), RAM used; then a prompt-cache
+   miss and hit on model-offload and transformer-resident;
 2. emulated 8/12/16/24 GB cards (``torch.cuda.set_per_process_memory_fraction``): what
    ``--memory-profile auto`` picks, run for real, its predicted peak next to the measured one (the
    planner's error), and which profiles fit by their measured peaks (``--emulate-all`` runs them all);
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -41,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from zimage.timing import padded, transformer_flops_per_image  # noqa: E402,F401 - one formula, shared with the planner
+
 GIB = 1024**3
 CARDS_GB = (8, 12, 16, 24)
-#: The transformer pads image and caption tokens to a multiple of this (diffusers' SEQ_MULTI_OF).
-SEQ_MULTIPLE = 32
 PROMPT = "A red fox in fresh snow at sunrise, detailed fur, soft golden light, 35mm photograph"
 
 
@@ -74,6 +75,11 @@ GPU_CASES = (
     Case("model-offload", ("attention-slicing",)),
     Case("model-offload", ("vae-tiling",)),
     Case("model-offload", ("fp8-storage",)),
+    # The new placements and the text encoder's fp8 storage (predicted vs measured s/image is in each row).
+    Case("transformer-resident"),
+    Case("transformer-resident", ("fp8-storage",), max_repeats=3),
+    Case("transformer-resident", ("te-fp8-storage",), max_repeats=3),
+    Case("full", ("te-fp8-storage",), max_repeats=3),
     # The slow placements are timed fewer times, to keep the whole run under 10 minutes on an H100.
     Case("group-offload", (), use_streams=True, max_repeats=3),
     Case("group-offload", (), use_streams=False, max_repeats=3),
@@ -83,37 +89,6 @@ CPU_CASES = (Case("cpu"),)
 
 
 # --- Pure parts (tested without a GPU) --------------------------------------------------------------
-
-def padded(tokens: int) -> int:
-    return math.ceil(tokens / SEQ_MULTIPLE) * SEQ_MULTIPLE
-
-
-def transformer_flops_per_image(config: dict[str, Any], width: int, height: int, steps: int,
-                                caption_tokens: int) -> float:
-    """Floating-point operations of the transformer for one image (multiply-add = 2 FLOPs).
-
-    Per forward: the main layers over image + caption tokens, the noise refiner over image tokens,
-    the context refiner over caption tokens; each block is q/k/v/o projections (4 d^2 per token),
-    the SwiGLU feed-forward (3 d h, h = 8d/3) and attention (QK^T and AV: 2 S^2 d per block), plus the
-    patch/caption embedders and the final layer. Guidance-free (Turbo): one forward per step.
-    """
-    dim = config["dim"]
-    hidden = int(dim / 3 * 8)
-    patch = config["all_patch_size"][0]
-    latent_channels = config["in_channels"]
-    image_tokens = padded((width // 8 // patch) * (height // 8 // patch))
-    caption = padded(caption_tokens)
-
-    def block(tokens: int) -> float:
-        return 2 * tokens * (4 * dim * dim + 3 * dim * hidden) + 2 * 2 * tokens * tokens * dim
-
-    patch_features = patch * patch * latent_channels
-    per_forward = (config["n_layers"] * block(image_tokens + caption)
-                   + config["n_refiner_layers"] * (block(image_tokens) + block(caption))
-                   + 2 * image_tokens * patch_features * dim * 2  # x embedder and final layer
-                   + 2 * caption * config["cap_feat_dim"] * dim)
-    return per_forward * steps
-
 
 def planner_error_percent(predicted_bytes: int, measured_bytes: int) -> float:
     """How far the prediction is from the measurement, in percent of the measurement (+ = overestimate)."""
@@ -139,24 +114,35 @@ def markdown(result: dict) -> str:
         "timed runs (n) after a warm-up. Weights are random: memory and speed are the real model's, "
         "the images are not.",
         "",
-        "| placement | peak allocated | peak reserved | median latency | x compute floor | RAM (RSS) | note |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| placement | peak allocated | peak reserved | median latency | predicted s/image | x compute floor | "
+        "RAM (RSS) | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["profiles"]:
         if row["ok"]:
             lines.append(f"| {row['label']} | {row['peak_allocated_bytes'] / GIB:.2f} GiB | "
                          f"{row['peak_reserved_bytes'] / GIB:.2f} GiB | {row['median_s']:.2f} s "
-                         f"(n={len(row['latencies_s'])}) | "
+                         f"(n={len(row['latencies_s'])}) | {row.get('predicted_seconds') or 0:.2f} s | "
                          f"{row['median_s'] / floor['floor_s']:.1f}x | {row['rss_gb']:.1f} GB | "
                          f"predicted {row['predicted_peak_bytes'] / GIB:.2f} GiB |")
         else:
-            lines.append(f"| {row['label']} | - | - | - | - | - | failed: {row['error'][:80]} |")
+            lines.append(f"| {row['label']} | - | - | - | - | - | - | failed: {row['error'][:80]} |")
     lines += [
         "",
         f"Compute floor: the transformer does {floor['transformer_tflop_per_image']:.3g} TFLOP per image "
         f"({floor['caption_tokens']} caption tokens); measured bf16 matmul rate "
         f"{floor['matmul_tflops']:.3g} TFLOP/s; floor {floor['floor_s']:.3g} s per image.",
     ]
+    if result.get("throughput"):
+        t = result["throughput"]
+        lines += ["", f"Start-up probe (the planner's rates): {t['bf16_tflops']:.1f} TFLOP/s bf16, "
+                      f"{t['h2d_gbps']:.1f} GB/s host-to-device."]
+    if result.get("prompt_cache"):
+        lines += ["", "| prompt cache | first request (miss) | same prompt again (hit) |", "| --- | --- | --- |"]
+        for row in result["prompt_cache"]:
+            lines.append(f"| {row['label']} | {row.get('miss_s', float('nan')):.2f} s | "
+                         f"{row.get('hit_s', float('nan')):.2f} s |" if row["ok"] else
+                         f"| {row['label']} | failed: {row['error'][:60]} | |")
     if result.get("cards"):
         lines += ["", "| emulated card | auto picks | predicted peak | measured peak (reserved) | planner error | "
                   "latency | placements that fit (measured peaks) |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -238,9 +224,11 @@ def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, d
     from zimage.service import DEFAULT_STEPS, GenerationRequest, GenerationService
     from zimage.settings import Settings
 
+    # The prompt cache is off: every timed run encodes its prompt, as the planner's prediction assumes (a cache
+    # hit is measured on its own, measure_prompt_cache).
     settings = Settings(model=str(folder), memory_profile=case.profile, memory_options=case.options,
                         device=device, outputs_dir=work / "outputs",
-                        data_dir=work / "data", auto_fp8=True)
+                        data_dir=work / "data", auto_fp8=True, prompt_cache_mb=0)
 
     def factory(source: Any, plan: Any) -> Any:
         if case.use_streams is not None and plan.profile == "group-offload":
@@ -255,7 +243,8 @@ def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, d
         row["load_s"] = time.perf_counter() - started
         plan = service.plan
         row.update(label=case.label if case.profile != "auto" else plan.describe(), profile=plan.profile,
-                   options=list(plan.options), predicted_peak_bytes=plan.predicted_peak_bytes)
+                   options=list(plan.options), predicted_peak_bytes=plan.predicted_peak_bytes,
+                   predicted_seconds=plan.predicted_seconds, bytes_moved_per_image=plan.bytes_moved_per_image)
         request = GenerationRequest(prompt=PROMPT, width=1024, height=1024, steps=DEFAULT_STEPS, seed=1)
         service.generate(request)  # warm-up: kernels, allocator, offload hooks
         reset_gpu_peak(device)
@@ -274,6 +263,32 @@ def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, d
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
         service.unload()  # the next case loads its own pipeline into the freed memory
+    return row
+
+
+def measure_prompt_cache(folder: Path, profile: str, devices: Any, work: Path, device: str) -> dict:
+    """Seconds of a first request and of the same prompt again (a prompt-cache hit: no text encoder) on
+    ``profile``, after a warm-up with another prompt."""
+    from zimage.service import DEFAULT_STEPS, GenerationRequest, GenerationService
+    from zimage.settings import Settings
+
+    settings = Settings(model=str(folder), memory_profile=profile, device=device, outputs_dir=work / "outputs",
+                        data_dir=work / "data")
+    service = GenerationService(settings, devices=devices)
+    row: dict[str, Any] = {"label": profile, "ok": False}
+    try:
+        service.load()
+
+        def timed(prompt: str) -> float:
+            request = GenerationRequest(prompt=prompt, width=1024, height=1024, steps=DEFAULT_STEPS, seed=1)
+            return service.generate(request).timings["generate_s"]
+
+        timed("warm-up " + PROMPT)
+        row.update(ok=True, miss_s=timed(PROMPT), hit_s=timed(PROMPT))
+    except Exception as exc:  # noqa: BLE001 - a failed case is a row, the run goes on
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        service.unload()
     return row
 
 
@@ -313,11 +328,16 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     folder = work / "model"
     print(f"building {arch.name} with random weights on {device} ...", file=sys.stderr)
     build_s = build_and_save(arch, folder, device)
-    devices = probe_devices()
+    devices = probe_devices(measure_throughput=not args.tiny)
+    if devices.gpus and devices.gpus[0].throughput is not None:
+        t = devices.gpus[0].throughput
+        result_throughput = {"bf16_tflops": t.bf16_tflops, "h2d_gbps": t.h2d_gbps, "source": t.source}
+    else:
+        result_throughput = None
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "architecture": arch.name, "machine": machine(device),
         "width": 1024, "height": 1024, "steps": DEFAULT_STEPS, "dtype": "bf16", "repeats": args.repeats,
-        "build_and_save_s": build_s,
+        "build_and_save_s": build_s, "throughput": result_throughput,
     }
     tokens = caption_tokens(folder)
     flops = transformer_flops_per_image(arch.transformer, 1024, 1024, DEFAULT_STEPS, tokens)
@@ -332,6 +352,8 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     for case in cases:
         print(f"profile {case.label} ...", file=sys.stderr)
         result["profiles"].append(run_case(folder, case, devices, args.repeats, work, device))
+    result["prompt_cache"] = [measure_prompt_cache(folder, profile, devices, work, device)
+                              for profile in (("cpu",) if args.tiny else ("model-offload", "transformer-resident"))]
     result["cards"] = []
     if not args.tiny:
         total = torch.cuda.get_device_properties(device).total_memory

@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Install the server into ./.venv (created if missing).
 #   scripts/install.sh         runtime only
-#   scripts/install.sh --dev   plus test tools, and Chromium + CJK fonts for the browser test (apt)
+#   scripts/install.sh --dev   plus test tools, Ray Serve (the Ray test tier), and Chromium + CJK fonts for the
+#                              browser test (apt)
+#   scripts/install.sh --ray   runtime plus Ray Serve (requirements-ray.txt), for `python -m zimage serve-ray`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dev=0
-[ "${1:-}" = "--dev" ] && dev=1
+ray=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1; ray=1 ;;
+    --ray) ray=1 ;;
+    *) echo "usage: scripts/install.sh [--dev] [--ray]" >&2; exit 2 ;;
+  esac
+done
 python="${PYTHON:-python3}"
 
 if [ ! -x .venv/bin/python ]; then
@@ -29,6 +38,9 @@ if [ "$dev" = 1 ]; then
   fi
 else
   .venv/bin/python -m pip install --quiet -r requirements.txt
+fi
+if [ "$ray" = 1 ]; then
+  .venv/bin/python -m pip install --quiet -r requirements-ray.txt
 fi
 # Supervisor's socket, pid file and logs for deploy/supervisor/supervisord.conf: owner-only.
 mkdir -p run

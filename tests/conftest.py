@@ -20,6 +20,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (opt-in: ZIMAGE_TEST_GPU=1)")
     config.addinivalue_line("markers", "server: starts the app on a loopback port")
     config.addinivalue_line("markers", "browser: drives headless Chromium")
+    config.addinivalue_line("markers", "ray: starts a local Ray instance (skipped without requirements-ray.txt)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -123,6 +123,8 @@ def test_healthz_is_open_and_tells_only_the_status(server) -> None:
     ("POST", "gradio_api/upload", {}),
     ("GET", "theme.css", None),
     ("GET", "", None),  # the page itself, asked for as JSON (an XHR)
+    ("GET", "v1/models", None),  # the REST API without an API key sits behind the sign-in
+    ("POST", "v1/images/generations", {"prompt": "a cat", "size": "256x256"}),
 ])
 def test_routes_refuse_requests_without_credentials(server, method: str, path: str, body: dict | None) -> None:
     if body is None:
@@ -245,11 +247,15 @@ def test_security_headers_on_every_kind_of_response(server) -> None:
 # --metrics-public, and a server without auth
 
 @pytest.mark.server
-def test_metrics_public_opens_metrics_only(data_dir: Path, tmp_path: Path) -> None:
-    srv = start_server(tmp_path, data_dir, "--metrics-public", env=AUTH_ENV)
+def test_metrics_public_opens_metrics_only_and_an_api_key_opens_the_rest_api(data_dir: Path, tmp_path: Path) -> None:
+    srv = start_server(tmp_path, data_dir, "--metrics-public", "--api-key", "rest-key", env=AUTH_ENV)
     try:
         status, _, text = request(srv.url + "metrics")
         assert status == 200 and "zimage_model_ready 1.0" in text
+        # With a key, /v1 checks the key itself, instead of the sign-in.
+        assert request(srv.url + "v1/models", headers={"Authorization": "Bearer rest-key"})[0] == 200
+        status, _, text = request(srv.url + "v1/models", headers=basic())
+        assert status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
         assert request(srv.url + "config")[0] == 401
         assert request(srv.url + "gradio_api/info")[0] == 401
         assert post_json(srv.url + "gradio_api/cancel", {"session_hash": "x", "fn_index": 0, "event_id": "y"}

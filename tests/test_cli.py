@@ -51,8 +51,26 @@ def test_plan_json_for_a_hypothetical_card(data_dir: Path) -> None:
     done = run(["plan", "--vram-gb", "16", "--width", "1024", "--height", "1024", "--json"], data_dir)
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
-    assert plan["profile"] == "model-offload" and plan["options"] == []
+    assert plan["profile"] == "transformer-resident" and plan["options"] == []
     assert plan["predicted_peak_bytes"] > 10 * 1024**3 and "fits" in plan["reason"]
+    assert plan["predicted_seconds"] > 0 and plan["bytes_moved_per_image"] > 0
+    seconds = [c["predicted_seconds"] for c in plan["candidates"]]
+    assert seconds == sorted(seconds)
+    assert {"profile", "options", "predicted_peak_bytes", "predicted_seconds", "bytes_moved_per_image",
+            "fits"} <= set(plan["candidates"][0])
+
+
+def test_plan_ranked_table_for_a_named_card(data_dir: Path) -> None:
+    done = run(["plan", "--gpu-name", "RTX 4090"], data_dir)
+    assert done.returncode == 0, done.stderr
+    assert "plan:      full on cuda:0" in done.stdout and "spec sheet of the RTX 4090 24GB (not measured)" in done.stdout
+    header = next(line for line in done.stdout.splitlines() if line.startswith("placement"))
+    assert "peak" in header and "s/image" in header and "GB moved/image" in header
+    assert "<- chosen" in done.stdout
+    given = run(["plan", "--vram-gb", "12", "--tflops", "100", "--pcie-gbps", "20", "--json"], data_dir)
+    assert json.loads(given.stdout)["throughput"]["bf16_tflops"] == 100
+    unknown = run(["plan", "--gpu-name", "RTX 9999"], data_dir)
+    assert unknown.returncode == 2 and "is not in the table" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
 def test_plan_for_this_machine_in_text(data_dir: Path) -> None:
@@ -73,7 +91,8 @@ def test_make_demo(tmp_path: Path, data_dir: Path) -> None:
     ("args", "code", "message"),
     [
         (["generate", "a cat", "--model", "/no/such/model"], 1, "could not be loaded (no such folder)"),
-        (["generate", "a cat", "--demo", "--width", "1000"], 1, "width=1000 is not a multiple of 16"),
+        # An invalid request is refused before the model loads, like a bad setting.
+        (["generate", "a cat", "--demo", "--width", "1000"], 2, "width=1000 is not a multiple of 16"),
         (["generate", "a cat", "--demo", "--memory-profile", "model-offload"], 2, "needs a CUDA GPU"),
         (["generate", "a cat"], 1, "run with --demo"),
     ],

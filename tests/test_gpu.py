@@ -15,7 +15,9 @@ from PIL import Image
 pytestmark = pytest.mark.gpu
 
 PROFILES = [("full", ()), ("full", ("vae-tiling", "fp8-storage")), ("model-offload", ()),
-            ("model-offload", ("fp8-storage",)), ("group-offload", ()), ("sequential-offload", ())]
+            ("model-offload", ("fp8-storage",)), ("group-offload", ()), ("sequential-offload", ()),
+            ("transformer-resident", ()), ("transformer-resident", ("fp8-storage", "te-fp8-storage")),
+            ("full", ("te-fp8-storage",))]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_each_placement_generates_on_the_gpu(data_dir: Path, tmp_path: Path, ref
                                              profile: str, options: tuple[str, ...]) -> None:
     pixels = _generate(data_dir, tmp_path, profile, options)
     assert pixels.shape == (256, 256, 3)
-    if "fp8-storage" not in options:
+    if not {"fp8-storage", "te-fp8-storage"} & set(options):
         # Offloading moves weights, it does not change the arithmetic: (nearly) the same image.
         assert np.abs(pixels - reference).mean() < 2.0
 

@@ -156,3 +156,74 @@ def test_real_vae_tiling_decodes_large_images_on_cpu(data_dir: Path) -> None:
     assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_size == 512
     images = _generate(pipe, size=768)  # larger than one 512 px tile
     assert images.shape == (1, 768, 768, 3) and not np.isnan(images).any()
+
+
+# --- transformer-resident and te-fp8-storage, real calls on the CPU --------------------------------------
+
+def test_transformer_resident_streams_only_the_text_encoder(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers.hooks
+    from diffusers import ZImagePipeline
+
+    from zimage.demo_model import demo_model_path
+    from zimage.loader import place_transformer_resident
+
+    folder = demo_model_path(data_dir)
+    reference = _generate(ZImagePipeline.from_pretrained(folder, dtype=torch.bfloat16))
+    calls = []
+    real = diffusers.hooks.apply_group_offloading
+
+    def spy(module, **kwargs):  # the real call, recorded
+        calls.append((module, kwargs))
+        return real(module, **kwargs)
+
+    monkeypatch.setattr(diffusers.hooks, "apply_group_offloading", spy)
+    pipe = ZImagePipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    place_transformer_resident(pipe, "cpu", use_streams=False)  # streams need CUDA; the CPU is the onload device
+    ((module, kwargs),) = calls
+    assert module is pipe.text_encoder  # only the text encoder is offloaded
+    assert (kwargs["offload_type"], kwargs["num_blocks_per_group"], kwargs["use_stream"]) == ("block_level", 1, False)
+    forwards = []
+    pipe.text_encoder.register_forward_hook(lambda *a: forwards.append(1))
+    assert np.array_equal(_generate(pipe), reference)  # same math, only placement hooks
+    assert forwards == [1]
+
+
+def test_transformer_resident_on_a_gpu_plan_uses_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    import zimage.loader as loader
+
+    placed = []
+    monkeypatch.setattr(loader, "place_transformer_resident", lambda pipe, device, streams: placed.append((device, streams)))
+    pipe = RecordingPipeline()
+    apply_plan(pipe, gpu_plan("transformer-resident", use_streams=True))
+    assert placed == [("cuda:0", True)] and pipe.calls == []
+    with pytest.raises(PlanError, match="needs a CUDA GPU"):
+        apply_plan(pipe, replace(gpu_plan("transformer-resident"), device="cpu"))
+
+
+def test_text_encoder_fp8_storage_keeps_embedding_and_norms_in_bf16(data_dir: Path) -> None:
+    from diffusers import ZImagePipeline
+
+    from zimage.demo_model import demo_model_path
+    from zimage.loader import place_transformer_resident
+
+    folder = demo_model_path(data_dir)
+    reference = _generate(ZImagePipeline.from_pretrained(folder, dtype=torch.bfloat16))
+    pipe = ZImagePipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    bf16_cpu = hypothetical_devices(0, cpu_bf16=True)
+    apply_plan(pipe, replace(plan_memory(bf16_cpu, PUBLISHED_SIZES), options=("te-fp8-storage",)))
+    encoder = pipe.text_encoder
+    assert encoder.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert encoder.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert encoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert encoder.norm.weight.dtype == torch.bfloat16
+    assert encoder.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    assert pipe.transformer.layers[0].attention.to_q.weight.dtype == torch.bfloat16  # the transformer is untouched
+    images = _generate(pipe)
+    assert not np.isnan(images).any() and images.shape == reference.shape
+    # With the text encoder streamed as well (the two hooks on the same layers).
+    both = ZImagePipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    from zimage.loader import store_text_encoder_in_fp8
+
+    store_text_encoder_in_fp8(both, "bf16")
+    place_transformer_resident(both, "cpu", use_streams=False)
+    assert np.array_equal(_generate(both), images)

@@ -478,7 +478,7 @@ def test_cli_generate_with_loras_end_to_end(lora_dir: Path, data_dir: Path, tmp_
     meta = read_metadata(Path(done.stdout.strip()))
     assert [(lora["name"], lora["weight"]) for lora in meta["loras"]] == [("demo-peft", 0.5), ("second", 1.0)]
     for args, code, message in ((["--lora", "demo-peft:x"], 2, "argument --lora: 'demo-peft:x': the weight"),
-                                (["--lora", "flux-style"], 1, "it was made for Flux")):
+                                (["--lora", "flux-style"], 2, "it was made for Flux")):
         refused = run(["generate", "a cat", "--demo", "--width", "256", "--height", "256", "--lora-dir",
                        str(lora_dir), "--out-dir", str(tmp_path), *args], data_dir)
         assert refused.returncode == code and message in refused.stderr and "Traceback" not in refused.stderr

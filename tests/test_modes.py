@@ -108,7 +108,7 @@ def test_text_to_image_after_the_image_modes_is_unchanged(demo_settings) -> None
     ({"image": picture(), "mask": half_mask((128, 128))}, "the mask is (128, 128) but the request is 256x256"),
     ({"image": picture(), "strength": 0}, "strength=0 is out of range: use more than 0 and at most 1"),
     ({"image": picture(), "strength": 1.5}, "strength=1.5 is out of range"),
-    ({"image": picture(), "strength": True}, "strength=True is out of range"),
+    ({"image": picture(), "strength": True}, "strength=True must be a number"),
 ])
 def test_image_mode_inputs_are_checked(changes: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -136,4 +136,29 @@ def test_the_cli_runs_both_modes_and_records_the_input_hash(data_dir: Path, tmp_
     assert meta["mode"] == "inpaint" and [entry["role"] for entry in meta["inputs"]] == ["image", "mask"]
     bad = subprocess.run(common[:-2] + ["--mask", str(mask)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
-    assert bad.returncode == 1 and "--mask needs --image" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "--mask needs --image" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_strength_too_small_to_run_a_step_is_refused_with_the_minimum() -> None:
+    with pytest.raises(ValidationError, match=r"strength=1e-300 with steps=8 runs no denoising step: use a strength "
+                                              r"of at least 0.125"):
+        validate_request(request(image=picture(), strength=1e-300))
+    with pytest.raises(ValidationError, match="strength='0.5' must be a number"):
+        validate_request(request(image=picture(), strength="0.5"))
+    assert validate_request(request(image=picture(), strength=0.125)).strength == 0.125
+
+
+def test_a_mask_of_another_size_is_resized_and_said() -> None:
+    import io
+
+    from zimage.uploads import prepare_inputs
+
+    def png(picture_: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        picture_.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    read = prepare_inputs(256, 256, max_bytes=2**20, image=(png(picture()), "in.png"),
+                          mask=(png(half_mask((100, 50))), "mask.png"))
+    assert read.fields["mask"].size == (256, 256) and read.notes == (
+        "mask.png is 100x50: it was resized to 256x256, the requested size.",)

@@ -491,3 +491,25 @@ def test_controlnet_loras_and_the_lora_list_over_the_api(data_dir: Path, tmp_pat
     finally:
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
+
+
+def test_a_mode_endpoint_never_falls_back_to_another_mode(server) -> None:
+    """A missing input is refused by name; a value that is not a file record never reaches Gradio's parser."""
+    import urllib.request
+
+    cases = [
+        ("img2img", ["a cat", None, 0.6, 256, 256, 2, 1, 1, 0.0, "", []], "an input image is required"),
+        ("inpaint", ["a cat", None, None, 1.0, 256, 256, 2, 1, 1, 0.0, "", []], "an input image is required"),
+        ("controlnet", ["a cat", None, 0.75, 256, 256, 2, 1, 1, None, None, 0.0, "", []], "a control image is required"),
+    ]
+    for name, data, message in cases:
+        status, answer = post_json(server.url + f"gradio_api/call/{name}", {"data": data})
+        assert status == 200, answer
+        with urllib.request.urlopen(f"{server.url}gradio_api/call/{name}/{answer['event_id']}", timeout=60) as stream:
+            events = stream.read().decode()
+        assert "event: error" in events and message in events, events
+    for value in ("/etc/passwd", 5):
+        status, answer = post_json(server.url + "gradio_api/call/img2img", {
+            "data": ["a cat", value, 0.6, 256, 256, 2, 1, 1, 0.0, "", []]})
+        assert status == 422 and "is not a file" in answer["error"], answer
+    assert "Traceback" not in server.log()

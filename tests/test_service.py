@@ -79,7 +79,7 @@ def wait_for(condition, timeout: float = 120) -> None:
         ({"steps": 8.5}, "steps=8.5 must be a whole number"),
         ({"guidance_scale": -1.0}, "guidance_scale=-1.0 is out of range: use 0 to 10"),
         ({"guidance_scale": 11}, "guidance_scale=11 is out of range"),
-        ({"guidance_scale": False}, "guidance_scale=False is out of range"),
+        ({"guidance_scale": False}, "guidance_scale=False must be a number"),
         ({"num_images": 0}, "num_images=0 is out of range: use a whole number from 1 to 4"),
         ({"num_images": 5}, "num_images=5 is out of range"),
         ({"num_images": True}, "num_images=True must be a whole number"),
@@ -210,6 +210,28 @@ def test_a_cancel_during_the_decode_saves_nothing_and_counts_as_cancelled(demo_s
     assert not outputs.exists() or not any(outputs.iterdir())
 
 
+def test_a_cancel_while_the_pngs_are_written_saves_nothing_and_counts_as_cancelled(demo_settings,
+                                                                                  monkeypatch) -> None:
+    from zimage import storage
+
+    service, _ = make_service(demo_settings, Behaviour(failures=0))
+    jobs = []
+    write_png = storage._write_png
+
+    def written_then_cancelled(path, image, metadata):
+        write_png(path, image, metadata)
+        jobs[0].cancel()  # the user cancels while the second PNG is encoded
+
+    monkeypatch.setattr(storage, "_write_png", written_then_cancelled)
+    jobs.append(service.submit(request(seed=4, num_images=2)))
+    with pytest.raises(GenerationCancelled):
+        jobs[0].result(60)
+    assert jobs[0].progress.state == "cancelled" and service.stats().outcomes["cancelled"] == 1
+    assert service.stats().outcomes["ok"] == 0
+    outputs = demo_settings.outputs_dir
+    assert not outputs.exists() or not any(outputs.iterdir())  # no PNG and no partial file
+
+
 def test_a_queued_job_that_is_cancelled_never_starts(shared_service: GenerationService) -> None:
     running = hold_the_gpu(shared_service)
     cancelled_before = shared_service.stats().outcomes["cancelled"]
@@ -273,10 +295,10 @@ def test_saving_happens_off_the_gpu_so_the_next_job_starts(demo_settings) -> Non
     events: list[str] = []
 
     class SlowStore(OutputStore):
-        def save_all(self, images, request_id, metadata):
+        def save_all(self, images, request_id, metadata, check=None):
             events.append(f"save start {metadata[0]['seed']}")
             time.sleep(0.5)
-            paths = super().save_all(images, request_id, metadata)
+            paths = super().save_all(images, request_id, metadata, check)
             events.append(f"save end {metadata[0]['seed']}")
             return paths
 

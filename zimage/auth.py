@@ -253,13 +253,15 @@ class Guard:
     """Who may use the app. ``enabled`` is False when no ``user:password`` pair is configured."""
 
     def __init__(self, pairs: Sequence[tuple[str, str]], *, metrics_public: bool = False,
-                 failure_delay_s: float = FAILURE_DELAY_S) -> None:
+                 failure_delay_s: float = FAILURE_DELAY_S, open_prefixes: tuple[str, ...] = ()) -> None:
+        """``open_prefixes``: paths that check their own credentials (the REST API with its API key)."""
         self.enabled = bool(pairs)
         self.credentials = Credentials(pairs)
         self.sessions = Sessions()
         self.failures = FailureLimiter()
         self.failure_delay_s = failure_delay_s
         self.public_paths = PUBLIC_PATHS | ({"/metrics"} if metrics_public else frozenset())
+        self.open_prefixes = open_prefixes
 
     # -- identification -----------------------------------------------------------------------------
 
@@ -331,7 +333,8 @@ class Guard:
                     return
                 await _json(404, {"detail": "Not Found"})(scope, receive, send)
                 return
-            if not guard.enabled or path in guard.public_paths or path in ("/login", "/logout"):
+            if (not guard.enabled or path in guard.public_paths or path in ("/login", "/logout")
+                    or path.startswith(guard.open_prefixes)):
                 await app(scope, receive, send)
                 return
             user = guard._session_user(scope)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m zimage generate | plan | make-demo | loras | make-demo-lora``."""
+"""Command line: ``python -m zimage generate | plan | make-demo | loras | make-demo-lora | serve-ray``."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from .settings import SettingsError, add_settings_arguments, settings_from_args
 
 _ENGINE_SETTINGS = ("model", "demo", "dtype", "device", "memory_profile", "memory_options", "auto_fp8",
                     "reserve_mb", "outputs_dir", "data_dir", "log_prompts", "max_upload_mb", "recovery_fp8",
-                    "lora_dir", "controlnet", "model_family")
+                    "lora_dir", "controlnet", "model_family", "prompt_cache_mb", "transformer_file",
+                    "attention_backend", "compile")
 _LORA_SETTINGS = ("model", "demo", "data_dir", "lora_dir")
 _PLAN_SETTINGS = ("model", "demo", "dtype", "device", "memory_profile", "memory_options", "auto_fp8",
-                  "reserve_mb", "data_dir", "controlnet")
+                  "reserve_mb", "data_dir", "controlnet", "transformer_file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print the memory plan. Works without a GPU and without weights "
                                       "(published sizes are used when the model is not on disk).")
     plan.add_argument("--vram-gb", type=float, help="Plan for a hypothetical GPU of this size (0: CPU only).")
+    plan.add_argument("--gpu-name", metavar="NAME",
+                      help="Plan for a known card (e.g. 'RTX 4090', '4060 Ti 16GB', H100): its memory (unless "
+                           "--vram-gb) and spec-sheet rates for the time model; `--gpu-name list` lists them.")
+    plan.add_argument("--tflops", type=float, metavar="TFLOPS",
+                      help="With --vram-gb: the card's achieved bf16 matmul rate, TFLOP/s (overrides --gpu-name's).")
+    plan.add_argument("--pcie-gbps", type=float, metavar="GBPS",
+                      help="With --vram-gb: its achieved host-to-device copy rate, GB/s (overrides --gpu-name's).")
     plan.add_argument("--gpus", type=int, default=1, help="With --vram-gb: number of such GPUs.")
     plan.add_argument("--ram-gb", type=float, default=64.0, help="With --vram-gb: system RAM.")
     plan.add_argument("--width", type=int, default=DEFAULT_SIDE_PX, help="Image width to plan for, in pixels.")
@@ -78,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("make-demo", help="Write the tiny demo model as a diffusers folder.")
     demo.add_argument("dir", type=Path, help="Folder to create.")
+    demo.add_argument("--gguf", choices=("Q8_0", "Q4_0"), default=None,
+                      help="Also write DIR/transformer.gguf: the demo transformer quantized, in the key layout of "
+                           "published Z-Image GGUF files (try it with --model DIR --transformer-file "
+                           "DIR/transformer.gguf).")
 
     loras = sub.add_parser("loras", help="List the LoRA folder: name, size, format and whether each fits this model.",
                            description="List the LoRA files (.safetensors; pickles are listed as refused) and whether "
@@ -94,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Key format: peft (diffusers), comfyui (diffusion_model. prefix) or kohya "
                                 "(lora_unet_ with alpha).")
     demo_lora.add_argument("--seed", type=int, default=0, help="Seed of the random weights (default 0).")
+
+    from .serve_ray import add_parser as add_serve_ray_parser  # Ray itself is imported only when serve-ray runs
+
+    add_serve_ray_parser(sub)
     return parser
 
 
@@ -110,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             return _loras(args)
         if args.command == "make-demo-lora":
             return _make_demo_lora(args)
+        if args.command == "serve-ray":
+            from .serve_ray import serve_main
+
+            return serve_main(args)
         return _generate(args)
     except (SettingsError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -134,6 +154,16 @@ def _make_demo(args: argparse.Namespace) -> int:
     build_demo_model(args.dir)
     print(f"demo model written to {args.dir} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     print(args.dir)
+    if args.gguf:
+        import torch
+        from diffusers import ZImageTransformer2DModel
+
+        from .gguf_files import write_transformer_gguf
+
+        transformer = ZImageTransformer2DModel.from_pretrained(args.dir / "transformer", dtype=torch.float32)
+        size = write_transformer_gguf(transformer, args.dir / "transformer.gguf", args.gguf)
+        print(f"{args.gguf} transformer written ({size} bytes of tensors)", file=sys.stderr)
+        print(args.dir / "transformer.gguf")
     return 0
 
 
@@ -201,12 +231,26 @@ def _plan(args: argparse.Namespace) -> int:
     from .planner import hypothetical_devices
 
     settings = settings_from_args(args)
-    if args.vram_gb is not None:
-        devices = hypothetical_devices(args.vram_gb, args.gpus, args.ram_gb)
+    if args.gpu_name == "list":
+        from .timing import KNOWN_GPUS
+
+        for spec in KNOWN_GPUS:
+            print(f"{spec.name:<18} {spec.memory_gb:>4g} GB  {spec.dense_bf16_tflops:>7g} TFLOPS dense bf16  "
+                  f"PCIe {spec.pcie_gen}.0 x{spec.pcie_lanes}  ({spec.source}; spec sheet, not measured)")
+        return 0
+    throughput = _plan_throughput(args)
+    if args.vram_gb is not None or args.gpu_name is not None:
+        vram_gb = args.vram_gb
+        if vram_gb is None:
+            from .timing import find_gpu
+
+            vram_gb = find_gpu(args.gpu_name).memory_gb
+        devices = hypothetical_devices(vram_gb, args.gpus, args.ram_gb, throughput=throughput,
+                                       name=args.gpu_name)
     else:
         from .hardware import probe_devices
 
-        devices = probe_devices()
+        devices = probe_devices(measure_throughput=True)
     if settings.demo:
         source = resolve_model_source(settings)
     else:
@@ -214,7 +258,8 @@ def _plan(args: argparse.Namespace) -> int:
         from .loader import ModelSource
         from .model_files import find_local_model_folder
 
-        source = ModelSource(settings.model, settings.model, find_local_model_folder(settings.model))
+        source = ModelSource(settings.model, settings.model, find_local_model_folder(settings.model),
+                             transformer_file=settings.transformer_file)
     # With a ControlNet its own weights count too (resident under full; for its requests under offload).
     sizes = component_sizes(source, resolve_controlnet_source(settings, source))
     request = RequestSize(args.width, args.height, args.num_images)
@@ -230,9 +275,62 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"plan:      {plan.describe()}")
     print(f"peak:      {plan.predicted_peak_bytes / GIB:.1f} GiB predicted, {plan.budget_bytes / GIB:.1f} GiB usable")
     print(f"reason:    {plan.reason}")
+    if plan.throughput is not None and plan.profile != "cpu":
+        print(f"rates:     {plan.throughput.bf16_tflops:.1f} TFLOP/s bf16, {plan.throughput.h2d_gbps:.1f} GB/s "
+              f"host-to-device ({plan.throughput.source})")
     for warning in plan.warnings:
         print(f"warning:   {warning}")
+    if plan.candidates:
+        print()
+        print(_ranked_table(plan))
     return 0
+
+
+def _plan_throughput(args: argparse.Namespace):
+    """The rates for a hypothetical card: --tflops/--pcie-gbps, else the --gpu-name's spec sheet, else None (the
+    planner's assumed default). Raises SettingsError for a bad value or an unknown card."""
+    from .timing import Throughput, find_gpu
+
+    for name in ("tflops", "pcie_gbps"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise SettingsError(f"--{name.replace('_', '-')}={value:g} must be more than 0.")
+    if (args.tflops is not None or args.pcie_gbps is not None) and args.vram_gb is None and args.gpu_name is None:
+        raise SettingsError("--tflops and --pcie-gbps describe a hypothetical card: add --vram-gb N (or --gpu-name).")
+    spec = None
+    if args.gpu_name is not None:
+        try:
+            spec = find_gpu(args.gpu_name).throughput()
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+    if args.tflops is None and args.pcie_gbps is None:
+        return spec
+    base = spec or Throughput(0, 0, "")
+    tflops = args.tflops if args.tflops is not None else base.bf16_tflops
+    gbps = args.pcie_gbps if args.pcie_gbps is not None else base.h2d_gbps
+    if not tflops or not gbps:
+        raise SettingsError("give both --tflops and --pcie-gbps (or --gpu-name for the missing one).")
+    return Throughput(tflops, gbps, "given on the command line" + (f" over {spec.source}" if spec else ""))
+
+
+def _ranked_table(plan) -> str:
+    """The candidates the planner weighed, fastest first: placement, predicted peak, s/image, GB moved per image."""
+    rows = [("placement", "peak", "s/image", "GB moved/image", "")]
+    chosen = (plan.profile, plan.options)
+    fits = {(c.profile, c.options): c.fits for c in plan.candidates}
+    for c in plan.candidates:
+        untiled = tuple(o for o in c.options if o != "vae-tiling")
+        if untiled != c.options and fits.get((c.profile, untiled)) == c.fits and (c.profile, c.options) != chosen:
+            continue  # tiling changes nothing here: the row without it says it all
+
+        mark = "<- chosen" if (c.profile, c.options) == chosen else ("" if c.fits else "does not fit")
+        if c.lossy and not mark:
+            mark = "lossy"
+        rows.append((c.describe(), f"{c.predicted_peak_bytes / GIB:.1f} GiB", f"{c.predicted_seconds:.2f}",
+                     f"{c.bytes_moved_per_image / 1e9:.1f}", mark))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}".rstrip()
+                     for r in rows)
 
 
 def _read_inputs(args: argparse.Namespace, settings) -> tuple:
@@ -262,7 +360,8 @@ def _read_inputs(args: argparse.Namespace, settings) -> tuple:
 
 def _generate(args: argparse.Namespace) -> int:
     from .logs import configure_logging
-    from .service import GenerationRequest, GenerationService
+    from .errors import ValidationError
+    from .service import GenerationRequest, GenerationService, validate_request
     from .storage import OutputStore
 
     configure_logging("WARNING")
@@ -272,17 +371,24 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.out is not None:
         overrides["outputs_dir"] = args.out.parent if str(args.out.parent) else Path(".")
     settings = settings_from_args(args, **overrides)
-    image, mask, control, inputs, notes = _read_inputs(args, settings)  # before the model loads: bad files fail fast
-    if control is not None and not settings.controlnet_choice:
-        from .errors import ValidationError
-
-        raise ValidationError("--control-image needs a ControlNet: add --controlnet ID_OR_PATH (e.g. "
-                              "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1; --demo has its own).")
     service = GenerationService(settings, store=OutputStore(settings.outputs_dir))
-    if args.lora:  # before the model loads: a LoRA that is missing or made for another model fails fast
-        from .lora import validate_loras
-
-        service.check_loras(validate_loras(tuple(args.lora)))
+    # Before the model loads, bad input fails fast (exit 2): the files, the request's values, then the LoRAs
+    # (missing, or made for another model). The service checks the values again at submit.
+    try:
+        image, mask, control, inputs, notes = _read_inputs(args, settings)
+        if control is not None and not settings.controlnet_choice:
+            raise ValidationError("--control-image needs a ControlNet: add --controlnet ID_OR_PATH (e.g. "
+                                  "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1; --demo has its own).")
+        request = GenerationRequest(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
+                                    guidance_scale=args.guidance, seed=args.seed, num_images=args.num_images,
+                                    image=image, mask=mask, strength=args.strength, inputs=inputs,
+                                    loras=tuple(args.lora or ()), negative_prompt=args.negative_prompt,
+                                    control_image=control, controlnet_conditioning_scale=args.controlnet_scale)
+        checked = validate_request(request, defaults=service.defaults)
+        if args.lora:
+            service.check_loras(checked.loras)
+    except ValidationError as exc:
+        raise SettingsError(str(exc)) from None
     if not args.quiet:
         print(f"loading {settings.model_source} ...", file=sys.stderr)
     service.load()
@@ -309,11 +415,6 @@ def _generate(args: argparse.Namespace) -> int:
             shown.append(text)
             print(text, file=sys.stderr, flush=True)
 
-    request = GenerationRequest(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
-                                guidance_scale=args.guidance, seed=args.seed, num_images=args.num_images,
-                                image=image, mask=mask, strength=args.strength, inputs=inputs,
-                                loras=tuple(args.lora or ()), negative_prompt=args.negative_prompt,
-                                control_image=control, controlnet_conditioning_scale=args.controlnet_scale)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     job = service.submit(request, on_progress=progress)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from .planner import DeviceFacts, GpuFacts, cpu_has_native_bf16
+from .timing import Throughput
 
 #: Where Linux describes the CPU; absent on other systems.
 CPUINFO_PATH = Path("/proc/cpuinfo")
@@ -27,8 +29,50 @@ def read_cpu_flags(path: Path = CPUINFO_PATH) -> frozenset[str]:
     return frozenset()
 
 
-def probe_devices() -> DeviceFacts:
-    """Read the GPUs (total and free memory, bf16 support), the RAM and the CPU's bf16 support.
+#: The probe's sizes: a 4096^3 bf16 matmul is 0.14 TFLOP (about 1 ms on an H100, 10 ms on an RTX 3060), and a
+#: 256 MiB pinned copy takes 5-20 ms on PCIe 4.0-5.0 links: the whole probe stays well under a second.
+PROBE_MATMUL_SIDE = 4096
+PROBE_MATMUL_ITERATIONS = 10
+PROBE_COPY_BYTES = 256 * 1024 * 1024
+PROBE_COPY_ITERATIONS = 3
+
+
+def probe_throughput(index: int) -> Throughput:
+    """Measure GPU ``index``'s bf16 matmul rate (TFLOP/s) and pinned host-to-device copy rate (GB/s, 1e9 bytes)
+    for the planner's time model. CUDA only (callers skip it without a GPU); a warm-up call of each comes first.
+    Under a second on any card this project targets (see :data:`PROBE_MATMUL_SIDE`)."""
+    import torch
+
+    device = torch.device("cuda", index)
+    side = PROBE_MATMUL_SIDE
+    a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    a @ b  # warm-up: cuBLAS picks its kernel
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(PROBE_MATMUL_ITERATIONS):
+        a @ b
+    torch.cuda.synchronize(device)
+    tflops = 2 * side**3 * PROBE_MATMUL_ITERATIONS / (time.perf_counter() - started) / 1e12
+    del a, b
+    host = torch.empty(PROBE_COPY_BYTES, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(PROBE_COPY_BYTES, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)  # warm-up
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(PROBE_COPY_ITERATIONS):
+        target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    gbps = PROBE_COPY_BYTES * PROBE_COPY_ITERATIONS / (time.perf_counter() - started) / 1e9
+    del host, target
+    torch.cuda.empty_cache()
+    return Throughput(tflops, gbps, f"measured at start: {side}^3 bf16 matmul, {PROBE_COPY_BYTES >> 20} MiB pinned copy")
+
+
+def probe_devices(measure_throughput: bool = False) -> DeviceFacts:
+    """Read the GPUs (total and free memory, bf16 support), the RAM and the CPU's bf16 support; with
+    ``measure_throughput``, also each GPU's bf16 rate and host-to-device bandwidth (:func:`probe_throughput`; the
+    server's start does this, ``plan`` and the CLI do not).
 
     Called by entry points at start-up, never at import. Without torch's CUDA runtime (a CPU
     build, no driver) it reports no GPU instead of failing.
@@ -40,11 +84,18 @@ def probe_devices() -> DeviceFacts:
     gpus: list[GpuFacts] = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
-            free_bytes, total_bytes = torch.cuda.mem_get_info(index)
             properties = torch.cuda.get_device_properties(index)
             # bf16 tensor cores arrived with compute capability 8.0 (Ampere).
+            throughput = None
+            if measure_throughput and properties.major >= 8:  # the bf16 probe needs bf16 tensor cores
+                try:
+                    throughput = probe_throughput(index)
+                except RuntimeError:  # the GPU is busy or short of memory: the planner assumes typical rates
+                    throughput = None
+            free_bytes, total_bytes = torch.cuda.mem_get_info(index)  # after the probe gave its memory back
             gpus.append(GpuFacts(index=index, name=properties.name, total_bytes=int(total_bytes),
-                                 free_bytes=int(free_bytes), supports_bf16=properties.major >= 8))
+                                 free_bytes=int(free_bytes), supports_bf16=properties.major >= 8,
+                                 throughput=throughput))
     return DeviceFacts(gpus=tuple(gpus), ram_total_bytes=int(ram.total), ram_available_bytes=int(ram.available),
                        cpu_bf16=cpu_has_native_bf16(read_cpu_flags()))
 

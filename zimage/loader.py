@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,15 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-OFFLOAD_PROFILES = ("model-offload", "group-offload", "sequential-offload")
+OFFLOAD_PROFILES = ("transformer-resident", "model-offload", "group-offload", "sequential-offload")
+#: Module name patterns the text encoder's fp8 storage leaves in the compute dtype (``apply_layerwise_casting``'s
+#: ``skip_modules_pattern``, regular expressions searched in the module names): Qwen3's token embedding
+#: (``embed_tokens``, an nn.Embedding the casting would otherwise store in fp8) and every norm (``input_layernorm``,
+#: ``post_attention_layernorm``, ``q_norm``, ``k_norm``, the final ``norm``: RMSNorms, which diffusers' casting
+#: does not touch anyway; named so that a later diffusers that does still keeps them in bf16). diffusers' own
+#: default patterns (``pos_embed``, ``patch_embed``, ``norm``, ``proj_in``, ``proj_out``) are written for its
+#: transformers and would miss ``embed_tokens``.
+TEXT_ENCODER_FP8_SKIP_PATTERNS = ("embed_tokens", "norm")
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,24 @@ class ModelSource:
     label: str  # "demo (random weights)" or the id/path the user gave
     folder: Path | None  # local folder when the weights are on this machine
     is_demo: bool = False
+    #: A GGUF transformer loaded instead of the folder's (--transformer-file); the rest comes from ``pretrained``.
+    transformer_file: Path | None = None
 
 
 def resolve_model_source(settings: Settings) -> ModelSource:
-    """Decide where the weights come from; build the demo model when asked for it."""
+    """Decide where the weights come from; build the demo model when asked for it. A ``--transformer-file`` that
+    does not exist is a :class:`ModelNotFoundError`."""
+    source = _resolve_model_source(settings)
+    if settings.transformer_file is None:
+        return source
+    path = Path(settings.transformer_file).expanduser()
+    if not path.is_file():
+        raise ModelNotFoundError(f"--transformer-file {str(settings.transformer_file)!r} does not exist: give the path "
+                                 "of a GGUF transformer (e.g. z_image_turbo-Q8_0.gguf), or leave the flag out.")
+    return replace(source, transformer_file=path, label=f"{source.label} + {path.name}")
+
+
+def _resolve_model_source(settings: Settings) -> ModelSource:
     if settings.demo:
         folder = ensure_demo_model(settings.data_dir)
         return ModelSource(str(folder), "demo (random weights)", folder, is_demo=True)
@@ -93,6 +115,15 @@ def component_sizes(source: ModelSource, controlnet: ControlNetSource | None = N
     """Sizes for the planner: from the safetensors headers when on disk, else published sizes; with the
     ControlNet's own weights when one is configured (its files' headers, else the published Union 2.1 size)."""
     sizes = sizes_for(source.pretrained, source.folder)
+    if source.transformer_file is not None:
+        from .gguf_files import gguf_transformer_stats
+
+        try:
+            stats = gguf_transformer_stats(source.transformer_file)
+        except ValueError as exc:
+            raise ModelNotFoundError(f"--transformer-file {source.transformer_file.name!r} cannot be read: {exc}") from exc
+        sizes = replace(sizes, transformer=replace(stats, hidden_size=sizes.transformer.hidden_size),
+                                  source=f"{sizes.source}; transformer: GGUF header of {source.transformer_file.name}")
     if controlnet is None:
         return sizes
     if controlnet.local is not None:
@@ -237,7 +268,7 @@ def load_controlnet(source: ControlNetSource, plan: MemoryPlan, pipe: Any) -> An
                                                                    f"fewer than the model's {in_channels} latent ones"))
     if "fp8-storage" in plan.options:
         controlnet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
-    if plan.profile in ("full", "balanced", "cpu"):
+    if plan.profile in ("full", "balanced", "cpu", "transformer-resident"):
         # Beside the transformer, wherever the plan put it (one GPU, one of several, the CPU): it feeds the
         # transformer and borrows its modules.
         controlnet.to(pipe.transformer.device)
@@ -336,6 +367,15 @@ def load_pipeline(source: ModelSource, plan: MemoryPlan) -> Any:
     from diffusers import ZImagePipeline
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(plan.dtype)}
+    if source.transformer_file is not None:
+        from .gguf_files import load_gguf_transformer
+
+        try:
+            kwargs["transformer"] = load_gguf_transformer(source.transformer_file, source.pretrained,
+                                                          torch_dtype(plan.dtype))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelNotFoundError(f"--transformer-file {source.transformer_file.name!r} could not be loaded as a "
+                                     f"Z-Image transformer: {_first_line(exc)}") from exc
     if plan.profile == "balanced":
         # Whole components spread over the GPUs, each limited to its usable memory.
         kwargs["device_map"] = "balanced"
@@ -364,9 +404,13 @@ def apply_plan(pipe: Any, plan: MemoryPlan) -> None:
         # Before placement: the offload hooks then move the fp8 weights (half the bytes).
         pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
                                                   compute_dtype=torch_dtype(plan.dtype))
+    if "te-fp8-storage" in plan.options:
+        store_text_encoder_in_fp8(pipe, plan.dtype)
     apply_in_place_options(pipe, plan.options)
     if plan.profile in ("full", "cpu"):
         pipe.to(plan.device)
+    elif plan.profile == "transformer-resident":
+        place_transformer_resident(pipe, plan.device, plan.use_streams)
     elif plan.profile == "balanced":
         pass  # placed by device_map at load time
     elif plan.profile == "model-offload":
@@ -378,6 +422,43 @@ def apply_plan(pipe: Any, plan: MemoryPlan) -> None:
     else:
         raise PlanError(f"unknown memory profile {plan.profile!r}")
     log.info("memory plan applied: %s", plan.describe())
+
+
+def store_text_encoder_in_fp8(pipe: Any, dtype: str) -> None:
+    """te-fp8-storage: the text encoder's linear layers stored in float8 (e4m3) and cast to ``dtype`` ("bf16" or
+    "fp16") one layer at a time while it runs; its token embedding and norms stay in ``dtype``
+    (:data:`TEXT_ENCODER_FP8_SKIP_PATTERNS`). transformers models have no ``enable_layerwise_casting``, so this is
+    diffusers' public ``diffusers.hooks.apply_layerwise_casting`` on the module. Call it before any offloading."""
+    import torch
+    from diffusers.hooks import apply_layerwise_casting
+
+    apply_layerwise_casting(pipe.text_encoder, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch_dtype(dtype),
+                            skip_modules_pattern=TEXT_ENCODER_FP8_SKIP_PATTERNS)
+
+
+def place_transformer_resident(pipe: Any, device: str, use_streams: bool) -> None:
+    """``transformer-resident``: the transformer and the VAE (and anything else but the text encoder) move to
+    ``device`` for good; the text encoder stays in RAM and is group-offloaded, block by block, per prompt.
+
+    Why group offload (``diffusers.hooks.apply_group_offloading`` on the text encoder alone: block level, one block
+    per group, prefetched on a CUDA stream when ``use_streams``) rather than model offload of that one component
+    (accelerate's ``cpu_offload_with_hook``): model offload moves the whole encoder in before it runs, 8 GB in bf16,
+    next to the resident 12.3 GB transformer, so its peak is that of ``full`` and nothing is saved. Group offload
+    holds only the encoder's embedding and one or two of its 36 blocks on the GPU, and with the stream the copy of
+    the next block overlaps the current one's compute; both copy the same 8 GB per prompt (the planner counts it:
+    zimage.planner.bytes_moved_per_request), and the prompt cache skips it for a repeated prompt.
+
+    diffusers then reports the group's onload device as the pipeline's execution device, so latents and
+    embeddings are made on ``device``. ``use_streams`` needs CUDA; with ``device="cpu"`` (tests) it must be False.
+    """
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    for name, component in pipe.components.items():
+        if name != "text_encoder" and isinstance(component, torch.nn.Module):
+            component.to(device)
+    apply_group_offloading(pipe.text_encoder, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=use_streams)
 
 
 def enable_group_offload(pipe: Any, device: str, use_streams: bool) -> None:

@@ -66,6 +66,13 @@ class _ServiceCollector:
         yield GaugeMetricFamily("zimage_gpu_peak_memory_bytes",
                                 "Peak GPU memory allocated by the last successful job, measured from its start "
                                 "(0 without a GPU).", value=stats.last_gpu_peak_bytes or 0)
+        prompts = self.service.prompt_cache.stats()
+        yield CounterMetricFamily("zimage_prompt_cache_hits", "Requests whose prompt embeddings came from the "
+                                  "prompt cache (the text encoder did not run).", value=prompts.hits)
+        yield CounterMetricFamily("zimage_prompt_cache_misses", "Requests that ran the text encoder (the cache "
+                                  "did not hold their prompt, or it is off: --prompt-cache-mb 0).", value=prompts.misses)
+        yield GaugeMetricFamily("zimage_prompt_cache_bytes", "Host RAM held by cached prompt embeddings.",
+                                value=prompts.bytes)
         yield GaugeMetricFamily("zimage_gpu_allocated_memory_bytes",
                                 "GPU memory still allocated after the last job (0 without a GPU); steady growth "
                                 "is a leak.", value=stats.last_gpu_allocated_bytes or 0)

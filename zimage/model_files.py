@@ -86,6 +86,11 @@ def _stats_from_files(files: list[Path]) -> ComponentStats:
     return _stats_from_headers({name: info for file in files for name, info in read_safetensors_header(file).items()})
 
 
+def stats_from_shapes(shapes: dict[str, list[int]]) -> ComponentStats:
+    """:class:`ComponentStats` from tensor names and shapes (a safetensors header's, a GGUF file's)."""
+    return _stats_from_headers({name: {"shape": shape} for name, shape in shapes.items()})
+
+
 def _stats_from_headers(headers: dict) -> ComponentStats:
     """Counts grouped the way offloading moves them: numbered blocks, everything else, and the largest module."""
     blocks: Counter[str] = Counter()

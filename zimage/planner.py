@@ -9,6 +9,10 @@ diffusers' own calls):
 ``full``                  every component on one GPU. Fastest; needs all weights + activations.
 ``balanced``              diffusers ``device_map="balanced"``: whole components spread over
                           several GPUs, no transfers during a generation.
+``transformer-resident``  the transformer and the VAE stay on the GPU; the text encoder lives in RAM
+                          and is streamed block by block for each prompt (diffusers'
+                          ``apply_group_offloading`` on the text encoder alone). Needs the
+                          transformer + VAE + two text-encoder blocks; moves the encoder per prompt.
 ``model-offload``         ``enable_model_cpu_offload``: weights live in RAM, each component
                           (text encoder, transformer, VAE) moves to the GPU while it runs.
                           Needs the largest component + its activations.
@@ -23,7 +27,8 @@ diffusers' own calls):
 
 Options: ``vae-tiling`` (decode in 512 px tiles: the VAE's activations stop growing with the
 image), ``fp8-storage`` (transformer and ControlNet weights stored in float8, computed in bf16: half
-their memory, a slight quality change), ``attention-slicing`` (accepted for users who ask
+their memory, a slight quality change), ``te-fp8-storage`` (the text encoder's linear layers stored in
+float8, its token embedding and norms kept in bf16), ``attention-slicing`` (accepted for users who ask
 for it; measured as no change for this model, so the planner never relies on it).
 
 A configured ControlNet (:attr:`ComponentSizes.controlnet`) counts where it lives: resident beside the
@@ -31,9 +36,12 @@ transformer under ``full``/``balanced``, on the GPU only for its own requests un
 (:attr:`RequestSize.controlnet`). Requests with an input image (:attr:`RequestSize.encode`) add the VAE's
 encode of it as a stage of its own.
 
-The auto planner walks the candidates fastest first and takes the first whose predicted peak
-fits the GPU's free memory minus the reserve. Lossless candidates come before ``fp8-storage``
-ones, and fp8 is only considered to avoid group or sequential offload.
+Each candidate gets a predicted peak (:func:`predict_peak_bytes`) and predicted seconds per image
+(:func:`predict_seconds`: FLOPs over the GPU's bf16 rate plus the bytes it moves host-to-device per image
+over the link's bandwidth; :mod:`zimage.timing`). The auto planner takes the fastest lossless candidate whose
+peak fits the GPU's free memory minus the reserve. Lossy candidates (``fp8-storage``, ``te-fp8-storage``)
+are only considered when the best lossless one would stream the transformer block by block (group or
+sequential offload), and then the fewest lossy options win before speed; ``auto_fp8=False`` forbids them.
 
 The activation constants below are estimates from the model's shapes, not yet measurements: the
 GPU benchmark (``benchmarks/gpu_profiles.py``) measures the real peaks to replace them.
@@ -43,11 +51,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from .timing import (
+    PLANNED_CAPTION_TOKENS,
+    TEXT_ENCODER_TOKENS,
+    Throughput,
+    dense_flops,
+    transformer_flops_per_image,
+)
 
 GIB = 1024**3
 MIB = 1024**2
 
-PROFILES_FASTEST_FIRST = ("full", "balanced", "model-offload", "group-offload", "sequential-offload")
+PROFILES_FASTEST_FIRST = ("full", "balanced", "transformer-resident", "model-offload", "group-offload",
+                          "sequential-offload")
+#: Placements that stream the transformer's blocks from RAM at every step: lossy options may be used to avoid them.
+STREAMING_PROFILES = ("group-offload", "sequential-offload")
+#: Options that change pixels.
+LOSSY_OPTIONS = ("fp8-storage", "te-fp8-storage")
+#: Steps the time model assumes when a request does not say (Turbo's default).
+PLANNED_STEPS = 8
+#: The rates used when neither a probe nor a card name gave any (assumed: a mid-range PCIe 4.0 card). The choice
+#: between single-GPU placements barely depends on them: their compute is the same and they differ in bytes moved.
+DEFAULT_THROUGHPUT = Throughput(bf16_tflops=70.0, h2d_gbps=25.0,
+                                source="assumed (no probe, no --gpu-name): 70 TFLOP/s bf16, 25 GB/s host-to-device")
+#: Sequential offload copies one layer at a time from pageable memory, synchronously: assumed to reach half the
+#: bandwidth of the block-sized pinned copies of group offload (not measured).
+SEQUENTIAL_BANDWIDTH_SHARE = 0.5
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -88,6 +119,8 @@ class GpuFacts:
     total_bytes: int
     free_bytes: int
     supports_bf16: bool = True
+    #: Its bf16 rate and host-to-device bandwidth (a probe at start, or a spec sheet); None: not known.
+    throughput: Throughput | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +148,9 @@ class ComponentStats:
     non_block_params: int = 0  # everything outside numbered blocks (embeddings, heads)
     largest_leaf_params: int = 0  # biggest single module (what sequential offload moves)
     hidden_size: int = 0
+    #: Bytes as stored when the weights are quantized (a GGUF transformer: the sum of its tensors' bytes from the
+    #: file header); None: ``params`` x the dtype's bytes.
+    stored_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +169,9 @@ class ComponentSizes:
     source: str = "published sizes"
     controlnet: ComponentStats | None = None
     controlnet_hints: int = 0
+    #: The transformer's config.json (dim, n_layers, n_refiner_layers, all_patch_size, in_channels, cap_feat_dim)
+    #: for the FLOPs of the time model; None: FLOPs estimated from the parameter count.
+    transformer_config: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def total_params(self) -> int:
@@ -150,6 +189,8 @@ PUBLISHED_SIZES = ComponentSizes(
                        largest_leaf_params=2_359_808),
     vae_base_channels=128,
     source="published sizes of Tongyi-MAI/Z-Image-Turbo",
+    transformer_config={"dim": 3840, "n_layers": 30, "n_refiner_layers": 2, "all_patch_size": [2], "in_channels": 16,
+                        "cap_feat_dim": 2560},
 )
 
 #: alibaba-pai's Z-Image-Turbo Fun ControlNet Union 2.1 (the largest published Z-Image ControlNet; 1.0 has 6 control
@@ -182,6 +223,8 @@ class RequestSize:
     encode: bool = False
     #: The ControlNet runs beside the transformer (the controlnet and controlnet_inpaint modes).
     controlnet: bool = False
+    #: Denoising steps (transformer forwards), for the time model only.
+    steps: int = PLANNED_STEPS
 
     @property
     def pixels(self) -> int:
@@ -203,6 +246,13 @@ class MemoryPlan:
     gpu_indices: tuple[int, ...] = ()  # the GPUs used (several for balanced)
     fits: bool = True
     warnings: tuple[str, ...] = field(default=())
+    #: Predicted seconds per image (:func:`predict_seconds`; None on the CPU) and host-to-device bytes per image.
+    predicted_seconds: float | None = None
+    bytes_moved_per_image: int = 0
+    #: The rates the time model used, and where they came from.
+    throughput: Throughput | None = None
+    #: Every placement the auto planner weighed, fastest first (empty for the CPU and explicit profiles).
+    candidates: tuple["CandidateEstimate", ...] = ()
 
     def to_json(self) -> dict:
         """The stable JSON form printed by ``python -m zimage plan --json``."""
@@ -218,6 +268,12 @@ class MemoryPlan:
             "use_streams": self.use_streams,
             "gpu_indices": list(self.gpu_indices),
             "warnings": list(self.warnings),
+            "predicted_seconds": self.predicted_seconds,
+            "bytes_moved_per_image": self.bytes_moved_per_image,
+            "throughput": (None if self.throughput is None else
+                           {"bf16_tflops": self.throughput.bf16_tflops, "h2d_gbps": self.throughput.h2d_gbps,
+                            "source": self.throughput.source}),
+            "candidates": [c.to_json() for c in self.candidates],
         }
 
     def describe(self) -> str:
@@ -225,6 +281,28 @@ class MemoryPlan:
         name = " + ".join((self.profile,) + self.options)
         where = "" if self.profile == "cpu" else f" on {self.device}"
         return f"{name}{where} ({self.dtype})"
+
+
+@dataclass(frozen=True)
+class CandidateEstimate:
+    """One placement the planner weighed: its predicted peak (bytes, on the busiest GPU), seconds per image,
+    host-to-device bytes per image, and whether it fits the budget and changes pixels (lossy)."""
+
+    profile: str
+    options: tuple[str, ...]
+    predicted_peak_bytes: int
+    predicted_seconds: float
+    bytes_moved_per_image: int
+    fits: bool
+    lossy: bool
+
+    def describe(self) -> str:
+        return " + ".join((self.profile,) + self.options)
+
+    def to_json(self) -> dict:
+        return {"profile": self.profile, "options": list(self.options),
+                "predicted_peak_bytes": self.predicted_peak_bytes, "predicted_seconds": self.predicted_seconds,
+                "bytes_moved_per_image": self.bytes_moved_per_image, "fits": self.fits, "lossy": self.lossy}
 
 
 class PlanError(ValueError):
@@ -249,18 +327,20 @@ def cpu_has_native_bf16(flags: frozenset[str]) -> bool:
     return bool(NATIVE_BF16_CPU_FLAGS & {flag.lower() for flag in flags})
 
 
-def hypothetical_devices(vram_gb: float, gpus: int = 1, ram_gb: float = 64.0, cpu_bf16: bool = False) -> DeviceFacts:
+def hypothetical_devices(vram_gb: float, gpus: int = 1, ram_gb: float = 64.0, cpu_bf16: bool = False,
+                         throughput: Throughput | None = None, name: str | None = None) -> DeviceFacts:
     """Facts for a machine we are not on (``plan --vram-gb``): N GB cards with a CUDA context open.
 
-    ``cpu_bf16`` says whether that machine's CPU computes bf16 natively (default: it does not).
+    ``cpu_bf16`` says whether that machine's CPU computes bf16 natively (default: it does not); ``throughput`` is
+    the cards' rates for the time model (a spec sheet, :mod:`zimage.timing`), ``name`` their name.
     """
     if vram_gb <= 0:
         return DeviceFacts(gpus=(), ram_total_bytes=int(ram_gb * GIB), ram_available_bytes=int(ram_gb * GIB),
                            cpu_bf16=cpu_bf16)
     total = int(vram_gb * GIB)
     cards = tuple(
-        GpuFacts(index=i, name=f"hypothetical {vram_gb:g} GB GPU", total_bytes=total,
-                 free_bytes=max(0, total - CUDA_CONTEXT_BYTES))
+        GpuFacts(index=i, name=name or f"hypothetical {vram_gb:g} GB GPU", total_bytes=total,
+                 free_bytes=max(0, total - CUDA_CONTEXT_BYTES), throughput=throughput)
         for i in range(gpus)
     )
     return DeviceFacts(gpus=cards, ram_total_bytes=int(ram_gb * GIB), ram_available_bytes=int(ram_gb * GIB),
@@ -324,10 +404,23 @@ def _weight_bytes(stats: ComponentStats, dtype_bytes: int) -> int:
 
 
 def _transformer_weight_bytes(sizes: ComponentSizes, dtype_bytes: int, fp8: bool) -> int:
+    if sizes.transformer.stored_bytes is not None:
+        # Quantized (GGUF): its real bytes, plus one block dequantized to the compute dtype while it runs.
+        return sizes.transformer.stored_bytes + sizes.transformer.largest_block_params * dtype_bytes
     if not fp8:
         return _weight_bytes(sizes.transformer, dtype_bytes)
     # 1 byte per stored weight, plus one block upcast to the compute dtype while it runs.
     return sizes.transformer.params + sizes.transformer.largest_block_params * dtype_bytes
+
+
+def _text_encoder_weight_bytes(sizes: ComponentSizes, dtype_bytes: int, te_fp8: bool) -> int:
+    """The text encoder's weights; with te-fp8-storage its blocks' linear layers take 1 byte per weight (the token
+    embedding and norms, outside the blocks, stay in the compute dtype), plus one block upcast while it runs."""
+    stats = sizes.text_encoder
+    if not te_fp8:
+        return _weight_bytes(stats, dtype_bytes)
+    return ((stats.params - stats.non_block_params) + stats.non_block_params * dtype_bytes
+            + stats.largest_block_params * dtype_bytes)
 
 
 def _controlnet_weight_bytes(sizes: ComponentSizes, dtype_bytes: int, fp8: bool) -> int:
@@ -385,13 +478,21 @@ def predict_peak_bytes(profile: str, options: tuple[str, ...], sizes: ComponentS
     dtype_bytes = DTYPE_BYTES[dtype]
     acts = activation_bytes(sizes, request, dtype_bytes, "vae-tiling" in options)
     fp8 = "fp8-storage" in options
+    te_fp8 = "te-fp8-storage" in options
     transformer_w = _transformer_weight_bytes(sizes, dtype_bytes, fp8)
-    text_encoder_w = _weight_bytes(sizes.text_encoder, dtype_bytes)
+    text_encoder_w = _text_encoder_weight_bytes(sizes, dtype_bytes, te_fp8)
     vae_w = _weight_bytes(sizes.vae, dtype_bytes)
     controlnet_w = _controlnet_weight_bytes(sizes, dtype_bytes, fp8)
     used_controlnet_w = controlnet_w if request.controlnet else 0
     if profile in ("full", "balanced"):  # balanced: callers split per GPU with _balanced_split
         peak = transformer_w + text_encoder_w + vae_w + controlnet_w + max(acts.values())
+    elif profile == "transformer-resident":
+        # Resident: transformer, VAE and a configured ControlNet (placed with the transformer, as under full). The
+        # text encoder is group-offloaded: its non-block modules (the token embedding) and, with the prefetching
+        # stream, two blocks at a time are on the GPU while it runs.
+        peak = (transformer_w + vae_w + controlnet_w
+                + max(_text_encoder_live_bytes(sizes, dtype_bytes, te_fp8, use_streams) + acts["text_encoder"],
+                      acts["vae_encode"], acts["transformer"], acts["vae"]))
     elif profile == "model-offload":
         # Each component moves to the GPU when it runs and the chain text encoder -> transformer -> VAE sends the
         # previous one back. The VAE that encoded an input stays until the chain wraps (the decode) and the text
@@ -408,10 +509,11 @@ def predict_peak_bytes(profile: str, options: tuple[str, ...], sizes: ComponentS
     elif profile == "group-offload":
         blocks_resident = 2 if use_streams else 1
         block_scale = 1 if not fp8 else 0.5
+        if sizes.transformer.stored_bytes is not None:  # quantized blocks, each dequantized while it runs
+            block_scale = 1 + sizes.transformer.stored_bytes / max(1, sizes.transformer.params * dtype_bytes)
         transformer_live = (sizes.transformer.non_block_params * dtype_bytes
                             + int(blocks_resident * sizes.transformer.largest_block_params * dtype_bytes * block_scale))
-        text_encoder_live = (sizes.text_encoder.non_block_params
-                             + blocks_resident * sizes.text_encoder.largest_block_params) * dtype_bytes
+        text_encoder_live = _text_encoder_live_bytes(sizes, dtype_bytes, te_fp8, use_streams)
         # The ControlNet is group-offloaded one block at a time, without prefetching (zimage.loader).
         controlnet_live = 0
         if request.controlnet and sizes.controlnet is not None:
@@ -431,6 +533,82 @@ def predict_peak_bytes(profile: str, options: tuple[str, ...], sizes: ComponentS
     return int(peak + FIXED_OVERHEAD_BYTES)
 
 
+def bytes_moved_per_request(profile: str, options: tuple[str, ...], sizes: ComponentSizes, request: RequestSize,
+                          dtype: str) -> int:
+    """Weight bytes copied host-to-device for one request of ``request.num_images`` images (a new prompt: the
+    prompt cache would spare the text encoder's share).
+
+    ``full``/``balanced``/``cpu``: none. ``transformer-resident``: the text encoder once per prompt it encodes (the
+    prompt, and the negative prompt with guidance). ``model-offload``: every component once (text encoder,
+    transformer, VAE, and the ControlNet for its requests). ``group-offload``: the text encoder per prompt and the
+    transformer (and a used ControlNet) at every step. ``sequential-offload``: as group offload plus the VAE.
+    """
+    if profile in ("full", "balanced", "cpu"):
+        return 0
+    dtype_bytes = DTYPE_BYTES[dtype]
+    fp8 = "fp8-storage" in options
+    # What is stored, not the one block upcast on the GPU: the copy moves the stored bytes.
+    transformer = (sizes.transformer.stored_bytes if sizes.transformer.stored_bytes is not None
+                   else sizes.transformer.params * (1 if fp8 else dtype_bytes))
+    stats = sizes.text_encoder
+    text_encoder = (stats.params * dtype_bytes if "te-fp8-storage" not in options
+                    else stats.params - stats.non_block_params + stats.non_block_params * dtype_bytes)
+    vae = _weight_bytes(sizes.vae, dtype_bytes)
+    controlnet = (sizes.controlnet.params * (1 if fp8 else dtype_bytes)
+                  if request.controlnet and sizes.controlnet is not None else 0)
+    prompts = 2 if request.guidance else 1
+    if profile == "transformer-resident":
+        return text_encoder * prompts
+    if profile == "model-offload":
+        return text_encoder + transformer + vae + controlnet
+    if profile == "group-offload":
+        return text_encoder * prompts + (transformer + controlnet) * request.steps
+    if profile == "sequential-offload":
+        return text_encoder * prompts + (transformer + controlnet) * request.steps + vae * (2 if request.encode else 1)
+    raise PlanError(f"unknown memory profile {profile!r}")
+
+
+def compute_flops_per_request(sizes: ComponentSizes, request: RequestSize) -> float:
+    """FLOPs of one request: the transformer at every step for every image (twice with guidance) and the text
+    encoder over its 512 padded tokens per prompt (:mod:`zimage.timing`). The VAE is left out: the same under
+    every placement."""
+    batch = request.num_images * (2 if request.guidance else 1)
+    if sizes.transformer_config is not None:
+        transformer = transformer_flops_per_image(sizes.transformer_config, request.width, request.height,
+                                                  request.steps, PLANNED_CAPTION_TOKENS)
+    else:
+        tokens = math.ceil(request.pixels / PIXELS_PER_TOKEN) + PLANNED_CAPTION_TOKENS
+        transformer = dense_flops(sizes.transformer.params, tokens) * request.steps
+    if request.controlnet and sizes.controlnet is not None:
+        tokens = math.ceil(request.pixels / PIXELS_PER_TOKEN) + PLANNED_CAPTION_TOKENS
+        transformer += dense_flops(sizes.controlnet.params, tokens) * request.steps
+    prompts = 2 if request.guidance else 1
+    text_encoder = dense_flops(sizes.text_encoder.params - sizes.text_encoder.non_block_params,
+                               TEXT_ENCODER_TOKENS) * prompts
+    return transformer * batch + text_encoder
+
+
+def predict_seconds(profile: str, options: tuple[str, ...], sizes: ComponentSizes, request: RequestSize, dtype: str,
+                    throughput: Throughput) -> float:
+    """Predicted seconds per image of ``request`` under ``profile``: its FLOPs over ``throughput.bf16_tflops`` plus
+    :func:`bytes_moved_per_request` over ``throughput.h2d_gbps`` (half that for sequential offload:
+    :data:`SEQUENTIAL_BANDWIDTH_SHARE`), no overlap assumed, divided by the images of the request. An estimate
+    for ranking placements, not a measurement (see :mod:`zimage.timing`)."""
+    compute_s = compute_flops_per_request(sizes, request) / (throughput.bf16_tflops * 1e12)
+    bandwidth = throughput.h2d_gbps * 1e9 * (SEQUENTIAL_BANDWIDTH_SHARE if profile == "sequential-offload" else 1)
+    copy_s = bytes_moved_per_request(profile, options, sizes, request, dtype) / bandwidth
+    return (compute_s + copy_s) / request.num_images
+
+
+def _text_encoder_live_bytes(sizes: ComponentSizes, dtype_bytes: int, te_fp8: bool, use_streams: bool) -> int:
+    """The text encoder's bytes on the GPU while it runs group-offloaded: its non-block modules and one block (two
+    with the prefetching stream), blocks at 1 byte per weight with te-fp8-storage."""
+    blocks_resident = 2 if use_streams else 1
+    block_bytes = 1 if te_fp8 else dtype_bytes
+    return (sizes.text_encoder.non_block_params * dtype_bytes
+            + blocks_resident * sizes.text_encoder.largest_block_params * block_bytes)
+
+
 def _balanced_split(sizes: ComponentSizes, request: RequestSize, dtype: str, options: tuple[str, ...],
                     budgets: list[int]) -> int | None:
     """Place whole components on GPUs, largest first onto the one with most room.
@@ -444,7 +622,7 @@ def _balanced_split(sizes: ComponentSizes, request: RequestSize, dtype: str, opt
         # The ControlNet shares modules with the transformer and must sit on its GPU (zimage.loader).
         ("transformer", _transformer_weight_bytes(sizes, dtype_bytes, fp8)
          + _controlnet_weight_bytes(sizes, dtype_bytes, fp8)),
-        ("text_encoder", _weight_bytes(sizes.text_encoder, dtype_bytes)),
+        ("text_encoder", _text_encoder_weight_bytes(sizes, dtype_bytes, "te-fp8-storage" in options)),
         ("vae", _weight_bytes(sizes.vae, dtype_bytes)),
     ]
     weights_on = [0] * len(budgets)
@@ -469,27 +647,32 @@ class _Candidate:
 
 def _candidates(devices: DeviceFacts, device: str, auto_fp8: bool,
                 forced: tuple[str, ...]) -> list[_Candidate]:
-    """Placements to try, fastest first; each without then with VAE tiling."""
-    base: list[tuple[str, tuple[str, ...], bool]] = [("full", (), False)]
+    """Placements to weigh, in the order that breaks ties (the fewer options, the earlier); each without then with
+    VAE tiling, and with the lossy options only when ``auto_fp8`` allows them and only on placements that keep the
+    transformer on the GPU (on the streaming ones they would only make a slow placement lossy too)."""
+    base: list[tuple[str, bool]] = [("full", False)]
     if device == "cuda:0" and len(devices.gpus) > 1:
-        base.append(("balanced", (), False))
-    base.append(("model-offload", (), False))
+        base.append(("balanced", False))
+    base += [("transformer-resident", True), ("model-offload", False), ("group-offload", True),
+             ("sequential-offload", False)]
+    lossy_sets: list[tuple[str, ...]] = [()]
     if auto_fp8:
-        base.append(("model-offload", ("fp8-storage",), False))
-    base.append(("group-offload", (), True))
-    base.append(("sequential-offload", (), False))
+        lossy_sets += [("fp8-storage",), ("te-fp8-storage",), ("fp8-storage", "te-fp8-storage")]
     result = []
-    for profile, extra, streams in base:
-        for tiling in ((), ("vae-tiling",)):
-            options = _normalise_options(forced + extra + tiling)
-            candidate = _Candidate(profile, options, streams)
-            if candidate not in result:
-                result.append(candidate)
+    for extra in lossy_sets:
+        for profile, streams in base:
+            if extra and profile in STREAMING_PROFILES + ("balanced",):
+                continue
+            for tiling in ((), ("vae-tiling",)):
+                options = _normalise_options(forced + extra + tiling)
+                candidate = _Candidate(profile, options, streams)
+                if candidate not in result:
+                    result.append(candidate)
     return result
 
 
 def _normalise_options(options: tuple[str, ...]) -> tuple[str, ...]:
-    order = ("fp8-storage", "vae-tiling", "attention-slicing")
+    order = ("fp8-storage", "te-fp8-storage", "vae-tiling", "attention-slicing")
     return tuple(o for o in order if o in options)
 
 
@@ -513,14 +696,60 @@ def _fmt_gb(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+@dataclass(frozen=True)
+class _Weighed:
+    candidate: _Candidate
+    peak: int
+    budget: int
+    indices: tuple[int, ...]
+    seconds: float
+    moved: int  # per image
+    order: int
+    lossy: int  # lossy options beyond the forced ones
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def estimate(self) -> CandidateEstimate:
+        c = self.candidate
+        return CandidateEstimate(c.profile, c.options, self.peak, self.seconds, self.moved, self.fits, self.lossy > 0)
+
+
+def device_throughput(devices: DeviceFacts, device: str) -> Throughput:
+    """The rates the time model uses for ``device``: what the probe measured (or the card's spec sheet for a
+    hypothetical card), else :data:`DEFAULT_THROUGHPUT`."""
+    if device == "cpu" or not devices.has_gpu:
+        return DEFAULT_THROUGHPUT
+    return _gpu(devices, device).throughput or DEFAULT_THROUGHPUT
+
+
+def _choose(weighed: list[_Weighed], auto_fp8: bool) -> tuple[_Weighed | None, str]:
+    """The fastest fitting lossless placement; lossy ones only instead of a streaming placement (or nothing), the
+    fewest lossy options first. Returns (choice or None, why lossy)."""
+    speed = lambda w: (w.seconds, len(w.candidate.options), w.order)  # noqa: E731
+    fitting = [w for w in weighed if w.fits]
+    lossless = sorted((w for w in fitting if w.lossy == 0), key=speed)
+    best = lossless[0] if lossless else None
+    if auto_fp8 and (best is None or best.candidate.profile in STREAMING_PROFILES):
+        lossy = sorted((w for w in fitting if w.lossy and w.candidate.profile not in STREAMING_PROFILES),
+                       key=lambda w: (w.lossy,) + speed(w))
+        if lossy:
+            avoided = best.candidate.profile if best is not None else "nothing fitting"
+            return lossy[0], f"lossy storage avoids {avoided}"
+    return best, ""
+
+
 def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSize = RequestSize(), *,
                 requested_profile: str = "auto", forced_options: tuple[str, ...] = (),
                 dtype: str = "auto", device: str = "auto", reserve_bytes: int = 1 * GIB,
                 auto_fp8: bool = True) -> MemoryPlan:
     """Choose how to place the model. Pure: same inputs, same plan.
 
-    ``requested_profile`` other than ``auto`` is honoured (and checked for feasibility: a warning
-    when it is predicted not to fit, a :class:`PlanError` when it cannot work on this machine).
+    Each candidate's predicted peak and predicted seconds per image decide (see the module docstring); the plan
+    carries every candidate weighed, fastest first (:attr:`MemoryPlan.candidates`). ``requested_profile`` other
+    than ``auto`` is honoured (and checked for feasibility: a warning when it is predicted not to fit, a
+    :class:`PlanError` when it cannot work on this machine).
     """
     device = choose_device(device, devices)
     dtype = choose_dtype(dtype, device, devices)
@@ -532,8 +761,8 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
             raise PlanError(f"memory profile {requested_profile!r} needs a CUDA GPU, and "
                             f"{'this machine has none' if not devices.has_gpu else 'device=cpu was chosen'}: "
                             "use --memory-profile auto (or cpu).")
-        if forced and "fp8-storage" in forced and dtype != "bf16":
-            raise PlanError("fp8-storage computes in bf16: use --dtype bf16 with it.")
+        if forced and any(o in forced for o in LOSSY_OPTIONS) and dtype != "bf16":
+            raise PlanError("fp8-storage and te-fp8-storage compute in bf16: use --dtype bf16 with them.")
         reason = ("no CUDA GPU: everything runs on the CPU" if not devices.has_gpu
                   else "device=cpu was asked for: everything runs on the CPU")
         return MemoryPlan(profile="cpu", options=forced, device="cpu", dtype=dtype, predicted_peak_bytes=0,
@@ -545,30 +774,50 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     if requested_profile == "balanced" and len(devices.gpus) < 2:
         raise PlanError("memory profile 'balanced' spreads components over several GPUs and this machine "
                         f"has {len(devices.gpus)}: use full or model-offload (or auto).")
-    if "fp8-storage" in forced and dtype == "fp32":
-        raise PlanError("fp8-storage computes in bf16/fp16: use --dtype bf16 with it.")
+    if any(o in forced for o in LOSSY_OPTIONS) and dtype == "fp32":
+        raise PlanError("fp8-storage and te-fp8-storage compute in bf16/fp16: use --dtype bf16 with them.")
 
+    quantized = sizes.transformer.stored_bytes is not None
+    if quantized and "fp8-storage" in forced:
+        raise PlanError("fp8-storage cannot be combined with a GGUF transformer (--transformer-file): its weights are "
+                        "already quantized. Drop fp8-storage from --memory-options.")
+    throughput = device_throughput(devices, device)
     candidates = _candidates(devices, device, auto_fp8, forced)
+    if quantized:  # fp8 storage does not apply to quantized weights
+        candidates = [c for c in candidates if "fp8-storage" not in c.options]
     if requested_profile != "auto":
-        # Honour the user's profile; still pick tiling if only that makes it fit.
-        candidates = [c for c in candidates if c.profile == requested_profile] or [
-            _Candidate(requested_profile, forced, requested_profile == "group-offload")]
+        # Honour the user's profile, lossless; still pick tiling if only that makes it fit.
+        candidates = [c for c in candidates if c.profile == requested_profile
+                      and not set(c.options) - set(forced) - {"vae-tiling"}] or [
+            _Candidate(requested_profile, forced, requested_profile in ("group-offload", "transformer-resident"))]
 
-    evaluated = [(c, *_evaluate(c, devices, device, sizes, request, dtype, reserve_bytes)) for c in candidates]
-    chosen = next(((c, p, b, i) for c, p, b, i in evaluated if p <= b), None)
+    weighed = []
+    for order, c in enumerate(candidates):
+        peak, budget, indices = _evaluate(c, devices, device, sizes, request, dtype, reserve_bytes)
+        weighed.append(_Weighed(
+            c, peak, budget, indices, predict_seconds(c.profile, c.options, sizes, request, dtype, throughput),
+            bytes_moved_per_request(c.profile, c.options, sizes, request, dtype) // request.num_images, order,
+            len([o for o in c.options if o in LOSSY_OPTIONS and o not in forced])))
+    chosen, lossy_why = _choose(weighed, auto_fp8)
     fits = chosen is not None
     if chosen is None:
-        chosen = evaluated[-1]  # the leanest placement; it may still OOM, and the ladder takes over
-    candidate, peak, budget, indices = chosen
+        # Nothing fits: the leanest placement; it may still OOM, and the ladder takes over.
+        chosen = min(weighed, key=lambda w: (w.lossy, w.peak, w.order))
+    peak, budget, indices, candidate = chosen.peak, chosen.budget, chosen.indices, chosen.candidate
     free_gib = _fmt_gb(budget + reserve_bytes)
+    ranked = sorted(weighed, key=lambda w: (w.seconds, len(w.candidate.options), w.order))
     if requested_profile != "auto":
         reason = f"{requested_profile} was asked for; predicted peak {_fmt_gb(peak)} of {_fmt_gb(budget)} usable"
     elif fits:
-        faster = [c for c, _, _, _ in evaluated[: evaluated.index(chosen)]]
-        reason = (f"{_describe(candidate)} is the fastest placement that fits: predicted peak {_fmt_gb(peak)} "
-                  f"within {_fmt_gb(budget)} usable ({free_gib} free minus {_fmt_gb(reserve_bytes)} reserve)")
+        reason = (f"{_describe(candidate)} is the fastest placement that fits: predicted {chosen.seconds:.2f} s per "
+                  f"image, peak {_fmt_gb(peak)} within {_fmt_gb(budget)} usable ({free_gib} free minus "
+                  f"{_fmt_gb(reserve_bytes)} reserve)")
+        if lossy_why:
+            reason += f" ({lossy_why})"
+        faster = [w for w in ranked if w.seconds < chosen.seconds and not w.fits]
         if faster:
-            reason += f"; {_describe(faster[0])} would need {_fmt_gb(evaluated[0][1])}"
+            reason += (f"; {_describe(faster[0].candidate)} ({faster[0].seconds:.2f} s) would need "
+                       f"{_fmt_gb(faster[0].peak)}")
     else:
         reason = (f"nothing is predicted to fit in {_fmt_gb(budget)} usable; using the leanest placement, "
                   f"{_describe(candidate)} (predicted {_fmt_gb(peak)})")
@@ -579,7 +828,9 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     return MemoryPlan(profile=candidate.profile, options=candidate.options, device=device, dtype=dtype,
                       predicted_peak_bytes=peak, budget_bytes=budget, reason=reason,
                       use_streams=candidate.use_streams, gpu_indices=indices, fits=fits,
-                      warnings=tuple(warnings))
+                      warnings=tuple(warnings), predicted_seconds=chosen.seconds,
+                      bytes_moved_per_image=chosen.moved, throughput=throughput,
+                      candidates=tuple(w.estimate() for w in ranked) if requested_profile == "auto" else ())
 
 
 def _describe(candidate: _Candidate) -> str:
@@ -600,6 +851,10 @@ def with_placement(plan: MemoryPlan, profile: str, options: tuple[str, ...], str
     """``plan`` moved to another profile/options, with its predicted peak for ``request`` (same device and budget)."""
     options = _normalise_options(options)
     peak = predict_peak_bytes(profile, options, sizes, request, plan.dtype, streams)
+    throughput = plan.throughput or DEFAULT_THROUGHPUT
     return replace(plan, profile=profile, options=options, use_streams=streams, predicted_peak_bytes=peak,
+                   predicted_seconds=predict_seconds(profile, options, sizes, request, plan.dtype, throughput),
+                   bytes_moved_per_image=bytes_moved_per_request(profile, options, sizes, request, plan.dtype)
+                   // request.num_images, candidates=(),
                    fits=peak <= plan.budget_bytes, gpu_indices=plan.gpu_indices[:1],
                    reason=f"stepped down after an out-of-memory error (predicted {_fmt_gb(peak)})")

@@ -100,7 +100,8 @@ def _with_tiling(plan: MemoryPlan, sizes: ComponentSizes, request: RequestSize) 
 
 def same_placement(a: MemoryPlan, b: MemoryPlan) -> bool:
     """True when two plans need the same loaded pipeline (they may differ in options applied in place)."""
-    heavy = lambda p: tuple(o for o in p.options if o == "fp8-storage")  # noqa: E731
+    # fp8 storage of either model cannot be undone in place: a change needs a reload.
+    heavy = lambda p: tuple(o for o in p.options if o in ("fp8-storage", "te-fp8-storage"))  # noqa: E731
     return (a.profile, a.dtype, a.device, a.use_streams, heavy(a)) == (b.profile, b.dtype, b.device, b.use_streams,
                                                                        heavy(b))
 

@@ -87,6 +87,28 @@ def encode(pipe: Any, prompt: str, guidance_scale: float, negative_prompt: str =
                                   max_sequence_length=MAX_PROMPT_TOKENS)
 
 
+def embeds_nbytes(embeds: tuple[Any, Any]) -> int:
+    """Bytes held by ``embeds`` as :func:`encode` returns them (two lists of tensors, the second maybe empty)."""
+    return sum(t.numel() * t.element_size() for part in embeds for t in (part or ()))
+
+
+def embeds_to_host(embeds: tuple[Any, Any]) -> tuple[list[Any], list[Any]]:
+    """Copies of ``embeds`` in host RAM (for the prompt cache): new tensors even on the CPU, so nothing the
+    pipeline does to the ones it was given can change the cached values."""
+    return tuple([t.detach().to("cpu", copy=True) for t in (part or ())] for part in embeds)  # type: ignore[return-value]
+
+
+def embeds_device(embeds: tuple[Any, Any]) -> str:
+    """The device ``embeds`` are on (the pipeline's execution device when the text encoder made them)."""
+    return str(embeds[0][0].device)
+
+
+def embeds_to_device(embeds: tuple[Any, Any], device: str) -> tuple[list[Any], list[Any]]:
+    """Cached ``embeds`` moved to ``device``, where the text encoder left them when they were made (see
+    :func:`embeds_device`); the same values, so the pixels are those of a miss."""
+    return tuple([t.to(device) for t in (part or ())] for part in embeds)  # type: ignore[return-value]
+
+
 def denoise(pipe: Any, embeds: tuple[Any, Any], *, width: int, height: int, steps: int, guidance_scale: float,
             seeds: list[int], on_step: Callable[[int, int], None], should_stop: Callable[[], bool],
             image: Any = None, mask: Any = None, strength: float | None = None, control_image: Any = None,

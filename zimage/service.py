@@ -45,6 +45,7 @@ from .jobs import RUNNING, SAVING, Job, JobQueue, Progress
 from .model_family import TURBO, ModelDefaults
 from .lora import MAX_LORAS, LoraAdapters, LoraFile, LoraFolder, LoraLoadFailed, placement_problem, validate_loras
 from .planner import DeviceFacts, MemoryPlan, PlanError, RequestSize, safe_dtype_after_nan
+from .prompt_cache import PromptCache, prompt_key
 from .recovery import (
     DECODE,
     DENOISE,
@@ -264,7 +265,10 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
         raise ValidationError(f"steps={request.steps} is out of range: use a whole number from {MIN_STEPS} to "
                               f"{MAX_STEPS} ({defaults.name}'s default is {defaults.steps}).")
     guidance = request.guidance_scale
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance <= MAX_GUIDANCE:
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool):
+        raise ValidationError(f"guidance_scale={_shown(guidance)} must be a number from 0 to {MAX_GUIDANCE:g} "
+                              f"({defaults.name}'s default is {defaults.guidance_scale:g}).")
+    if not 0 <= guidance <= MAX_GUIDANCE:
         raise ValidationError(f"guidance_scale={_shown(guidance)} is out of range: use 0 to {MAX_GUIDANCE:g} "
                               f"({defaults.name}'s default is {defaults.guidance_scale:g}).")
     negative_prompt = _validate_negative_prompt(request.negative_prompt)
@@ -350,9 +354,16 @@ def _validate_inputs(request: GenerationRequest) -> dict[str, Any]:
                                   "send an image, or leave strength out.")
         return {"strength": None, "controlnet_conditioning_scale": scale}
     strength = DEFAULT_STRENGTH[request.mode] if request.strength is None else request.strength
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool):
+        raise ValidationError(f"strength={_shown(strength)} must be a number: more than 0 and at most 1 (how much of "
+                              "the input is repainted; default 0.6 for image-to-image, 1.0 for inpainting).")
+    if not 0 < strength <= 1:
         raise ValidationError(f"strength={_shown(strength)} is out of range: use more than 0 and at most 1 (how much "
                               "of the input is repainted; default 0.6 for image-to-image, 1.0 for inpainting).")
+    if render.steps_run(request.steps, strength) < 1:
+        # diffusers skips the first (1 - strength) of the schedule: nothing would be left to run.
+        raise ValidationError(f"strength={_shown(strength)} with steps={request.steps} runs no denoising step: use a "
+                              f"strength of at least {1 / request.steps:.3g} (1/steps), or more steps.")
     return {"strength": float(strength), "controlnet_conditioning_scale": None}
 
 
@@ -403,11 +414,17 @@ class GenerationService:
         self._controlnet_source: Any = None
         self._controlnet: Any = None
         self._controlnet_inpaint: bool | None = None  # the loaded ControlNet has an inpainting input
+        #: The transformer's attention kernel in use ("native", "flash", ...), set when the model loads.
+        self.attention_backend: str | None = None
         self._defaults: ModelDefaults | None = None
         #: LoRA files (listed and checked from any thread) and the adapters loaded in the pipeline (GPU worker only).
         self._lora_folder = LoraFolder(settings.lora_folder, self._lora_modules)
         self._lora_adapters = LoraAdapters()
         self._lora_table: tuple[bool, Any] | None = None  # (built from the loaded pipeline?, layer table)
+        #: Prompt embeddings in host RAM (zimage.prompt_cache): a hit skips the text encoder. Cleared on every reload.
+        #: Entries are (the device the encoder left them on, host copies).
+        self.prompt_cache = PromptCache(settings.prompt_cache_mb * 1024 * 1024,
+                                        lambda entry: render.embeds_nbytes(entry[1]))
 
     # --- Loading ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -430,7 +447,7 @@ class GenerationService:
             if self._devices is None:
                 from .hardware import probe_devices
 
-                self._devices = probe_devices()
+                self._devices = probe_devices(measure_throughput=True)  # the planner's time model: rates on CUDA
             self._source = resolve_model_source(self.settings)
             self._controlnet_source = resolve_controlnet_source(self.settings, self._source)
             self._defaults = model_defaults(self.settings, self._source)
@@ -745,6 +762,7 @@ class GenerationService:
         self.begin_shutdown()
         self.wait_idle(0)
         self._pipe, self._mode_pipes, self._controlnet = None, {}, None
+        self.prompt_cache.clear()  # a new pipeline: its text encoder may differ (dtype, fp8 storage)
         self._lora_adapters.reset()  # a pipeline loaded later has no adapters
         self.state = "starting"
         release_memory()
@@ -875,7 +893,7 @@ class GenerationService:
                 if latents is None:
                     job.update(stage="encoding", step=0, total=request.steps)
                     used_loras = self._activate_loras(job, request, attempt)  # after _place: a reload drops them
-                    embeds = render.encode(self._pipe, request.prompt, request.guidance_scale, request.negative_prompt)
+                    embeds = self._encode(request, attempt)
                     job.raise_if_cancelled()
                     stage = DENOISE
                     job.update(stage="denoising")
@@ -943,6 +961,24 @@ class GenerationService:
                          warnings=tuple(warnings), recoveries=tuple(recoveries), gpu_peak_bytes=None,
                          loras=used_loras)
 
+    def _encode(self, request: GenerationRequest, plan: MemoryPlan) -> Any:
+        """The request's prompt embeddings: from the prompt cache when the same prompt was encoded by this text
+        encoder before (the encoder does not run, and under model offload it is never moved to the GPU), else from
+        :func:`render.encode`, kept in host RAM for the next request."""
+        storage = "fp8" if "te-fp8-storage" in plan.options else plan.dtype  # fp8 storage changes the embeddings
+        encoder = f"{self.model_label} (compute {plan.dtype}, storage {storage})"
+        key = prompt_key(request.prompt, request.negative_prompt, request.guidance_scale, MAX_PROMPT_TOKENS, encoder)
+        cached = self.prompt_cache.get(key)  # with the cache off (--prompt-cache-mb 0) every lookup is a miss
+        if cached is not None:
+            device, host = cached
+            return render.embeds_to_device(host, device)
+        embeds = render.encode(self._pipe, request.prompt, request.guidance_scale, request.negative_prompt)
+        if self.prompt_cache.enabled:
+            # Back onto the device the encoder put them on (the pipeline's execution device): the cache is emptied
+            # on every reload, so the placement of a hit is that of the miss that stored it.
+            self.prompt_cache.put(key, (render.embeds_device(embeds), render.embeds_to_host(embeds)))
+        return embeds
+
     def _mode_pipe(self, mode: str) -> Any:
         """The pipeline of ``mode`` over the loaded components (built from them: no weight is copied), made once per
         loaded pipeline; a ControlNet pipeline is then placed for an offload profile (zimage.loader)."""
@@ -997,6 +1033,7 @@ class GenerationService:
 
         log.info("switching the memory placement: %s -> %s", self.plan.describe(), plan.describe())
         self._pipe, self._mode_pipes, self._controlnet = None, {}, None
+        self.prompt_cache.clear()  # a new pipeline: its text encoder may differ (dtype, fp8 storage)
         self._lora_adapters.reset()  # the new pipeline has no adapters: they load again when a request needs them
         release_memory()
         try:
@@ -1031,13 +1068,27 @@ class GenerationService:
         the pipeline: its placement follows the plan, and fp8 storage cannot be undone in place)."""
         from .loader import load_controlnet
 
+        from .attention import apply as apply_attention
+        from .attention import compile_transformer
+
         self._pipe = self._factory(self._source, plan)
+        self.attention_backend = apply_attention(self._pipe, self.settings.attention_backend, plan.device)
+        if self.settings.compile:
+            seconds = compile_transformer(self._pipe, self._warm_up)
+            log.info("transformer compiled (regional, fullgraph) and warmed up at %dx%d in %.1f s", DEFAULT_SIDE_PX,
+                     DEFAULT_SIDE_PX, seconds)
         if self._controlnet_source is not None:
             self._controlnet = load_controlnet(self._controlnet_source, plan, self._pipe)
             # diffusers' ZImageControlNetInpaintPipeline needs a control input wider than the latents (2.0/2.1: 33
             # channels = latents + mask + masked image); Union 1.0 has exactly the latents' 16.
             self._controlnet_inpaint = (self._controlnet.config.control_in_dim
                                         != self._pipe.transformer.config.in_channels)
+
+    def _warm_up(self) -> None:
+        """One denoising step at the default size: compiles the transformer's graph for it before any request."""
+        embeds = render.encode(self._pipe, "warm-up", 0.0)
+        render.denoise(self._pipe, embeds, width=DEFAULT_SIDE_PX, height=DEFAULT_SIDE_PX, steps=1, guidance_scale=0.0,
+                       seeds=[0], on_step=lambda step, total: None, should_stop=lambda: False)
 
     def _fatal(self, message: str) -> None:
         """The service cannot go on: refuse everything, cancel the waiting jobs, tell the entry point."""
@@ -1057,7 +1108,8 @@ class GenerationService:
         seeds = tuple(request.seed + i for i in range(request.num_images))
         metadata = [self._metadata(request, seeds[index], job.id, index, rendered.plan, loras=rendered.loras)
                     for index in range(len(images))]
-        paths = self.store.save_all(images, job.id, metadata)
+        # A cancel while the PNGs are written still counts: the written files are removed before any is renamed.
+        paths = self.store.save_all(images, job.id, metadata, check=job.raise_if_cancelled)
         finished = time.perf_counter()
         timings = {
             "wait_s": (job.started or job.created) - job.created,

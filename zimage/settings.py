@@ -27,11 +27,12 @@ PROFILE_CHOICES = (
     "full",
     "balanced",
     "model-offload",
+    "transformer-resident",
     "group-offload",
     "sequential-offload",
     "cpu",
 )
-OPTION_CHOICES = ("attention-slicing", "vae-tiling", "fp8-storage")
+OPTION_CHOICES = ("attention-slicing", "vae-tiling", "fp8-storage", "te-fp8-storage")
 
 
 class SettingsError(ValueError):
@@ -45,11 +46,12 @@ def _default_data_dir() -> Path:
 
 
 def _setting(default: Any = None, *, help: str, choices: tuple[str, ...] | None = None,
-             default_factory: Any = None, metavar: str | None = None) -> Any:
+             default_factory: Any = None, metavar: str | None = None, secret: bool = False) -> Any:
+    # A secret (a password, an API key) stays out of repr(), so a logged Settings never shows it.
     metadata = {"help": help, "choices": choices, "metavar": metavar}
     if default_factory is not None:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+        return field(default_factory=default_factory, metadata=metadata, repr=not secret)
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,12 @@ class Settings:
                                "(AVX512-BF16, AMX-BF16, Arm BF16), else fp32. fp16 is refused on a CPU.")
     device: str = _setting("auto", help="auto, cpu, cuda or cuda:N. auto uses the first CUDA GPU when there is one.",
                            metavar="DEVICE")
+    attention_backend: str = _setting("auto", choices=("auto", "native", "flash", "_flash_3", "sage", "_native_cudnn"),
+                                      help="The transformer's attention kernel. auto: the fastest installed that runs "
+                                           "on this GPU (FlashAttention 3 on Hopper, FlashAttention 2, SageAttention, "
+                                           "cuDNN), native (torch SDPA) on a CPU; the choice is logged.")
+    compile: bool = _setting(False, help="Compile the transformer's repeated blocks (torch.compile, regional) and warm "
+                                         "it up at start: slower start, faster steps. Off until measured on a GPU.")
     # Memory
     memory_profile: str = _setting("auto", choices=PROFILE_CHOICES,
                                    help="How the model is placed in memory. auto lets the planner pick the fastest "
@@ -90,7 +98,8 @@ class Settings:
         help="Options always applied, comma separated: attention-slicing (accepted by diffusers but "
              "measured as no change for this model), vae-tiling (decode in tiles: big images in less "
              "memory), fp8-storage (transformer weights stored in fp8, computed in bf16: about half "
-             "the transformer memory, slight quality change).")
+             "the transformer memory, slight quality change), te-fp8-storage (the same for the text encoder, "
+             "its embeddings and norms kept in bf16).")
     auto_fp8: bool = _setting(True, help="Let the auto planner choose fp8 weight storage when it avoids a much "
                                          "slower placement. --no-auto-fp8 keeps weights lossless.")
     recovery_fp8: bool = _setting(False, help="Let out-of-memory recovery step a request down to fp8 weight storage. "
@@ -98,6 +107,11 @@ class Settings:
                                               "give the same image.")
     reserve_mb: int = _setting(1024, help="GPU memory (MiB) the planner keeps free for the CUDA context, "
                                           "fragmentation and other processes.")
+    prompt_cache_mb: int = _setting(256, help="Host RAM (MiB) for the prompt-embedding cache: a repeated prompt skips "
+                                              "the text encoder (same pixels). 0 turns the cache off.")
+    transformer_file: Path | None = _setting(None, metavar="PATH.gguf",
+                                             help="A GGUF-quantized transformer (Q8_0, Q4_0, ...) to load instead of "
+                                                  "the model folder's; the other components come from --model.")
     # Files
     outputs_dir: Path = _setting(Path("outputs"), help="Folder the generated PNGs are saved in.", metavar="DIR")
     data_dir: Path = _setting(default_factory=_default_data_dir, metavar="DIR",
@@ -108,9 +122,12 @@ class Settings:
     port: int = _setting(7860, help="TCP port of the web app.")
     queue_size: int = _setting(8, help="Jobs that may wait for the GPU besides the one generating, counted over "
                                        "every front door; more are refused with a 'busy' answer.")
-    auth: str = _setting("", help="Login pairs 'user:password[,user:password]' (prefer --auth-file).",
+    auth: str = _setting("", secret=True, help="Login pairs 'user:password[,user:password]' (prefer --auth-file).",
                          metavar="PAIRS")
     auth_file: Path | None = _setting(None, help="File with one 'user:password' per line.", metavar="FILE")
+    api_key: str = _setting("", metavar="KEY", secret=True,
+                            help="Key of the OpenAI-compatible REST API (/v1): clients send 'Authorization: Bearer KEY'. "
+                                 "Without it the REST API answers only on loopback, or behind --auth.")
     metrics_public: bool = _setting(False, help="Serve /metrics without sign-in, for a local Prometheus that cannot "
                                                 "sign in (Basic auth also works); everything else stays protected.")
     shutdown_timeout_s: float = _setting(60.0, help="On SIGTERM, how long the running job may finish before it "
@@ -171,6 +188,12 @@ def _validate(s: Settings) -> None:
                             "or use --demo.")
     if not 0 <= s.reserve_mb <= 1024 * 1024:
         raise SettingsError(f"reserve_mb={s.reserve_mb} is out of range: use 0 to 1048576 MiB (default 1024).")
+    if not 0 <= s.prompt_cache_mb <= 1024 * 1024:
+        raise SettingsError(f"prompt_cache_mb={s.prompt_cache_mb} is out of range: use 0 (off) to 1048576 MiB "
+                            "(default 256; --prompt-cache-mb or ZIMAGE_PROMPT_CACHE_MB).")
+    if s.transformer_file is not None and Path(s.transformer_file).suffix.lower() != ".gguf":
+        raise SettingsError(f"transformer_file={str(s.transformer_file)!r} is not a .gguf file: give a GGUF "
+                            "transformer (e.g. z_image_turbo-Q8_0.gguf), or leave --transformer-file out.")
     if not 1 <= s.port <= 65535:
         raise SettingsError(f"port={s.port} is out of range: use 1 to 65535 (default 7860).")
     if not 1 <= s.queue_size <= 1000:

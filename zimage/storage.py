@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import StorageError
 
@@ -84,9 +84,12 @@ class OutputStore:
         """
         return self._save_indexed([(index, image, metadata)], request_id)[0]
 
-    def save_all(self, images: Sequence[Any], request_id: str,
-                 metadatas: Sequence[Mapping[str, Any]]) -> tuple[Path, ...]:
+    def save_all(self, images: Sequence[Any], request_id: str, metadatas: Sequence[Mapping[str, Any]],
+                 check: Callable[[], None] | None = None) -> tuple[Path, ...]:
         """Save every image of one request (image ``i`` gets index ``i`` in its name), or none of them.
+
+        ``check()`` is called after each image is written and before the files are renamed into place; whatever
+        it raises (a cancel) removes the written files and propagates.
 
         All partial files are written and flushed before the first rename, so a full disk or a failing
         image leaves no file of this request; a failed rename removes the ones already renamed.
@@ -97,9 +100,10 @@ class OutputStore:
         if len(images) != len(metadatas):
             raise ValueError(f"save_all got {len(images)} images but {len(metadatas)} metadata dicts: "
                              "give one metadata dict per image.")
-        return self._save_indexed(list(zip(range(len(images)), images, metadatas)), request_id)
+        return self._save_indexed(list(zip(range(len(images)), images, metadatas)), request_id, check)
 
-    def _save_indexed(self, items: Iterable[tuple[int, Any, Mapping[str, Any]]], request_id: str) -> tuple[Path, ...]:
+    def _save_indexed(self, items: Iterable[tuple[int, Any, Mapping[str, Any]]], request_id: str,
+                      check: Callable[[], None] | None = None) -> tuple[Path, ...]:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         safe_id = _SAFE_ID.sub("", request_id)[:32] or "job"
         partials: list[Path] = []
@@ -113,6 +117,8 @@ class OutputStore:
                 partials.append(partial)  # before the write: a half-written file is removed too
                 _write_png(partial, image, metadata)
                 finals.append(self.root / name)
+                if check is not None:
+                    check()
             for partial, final in zip(partials, finals):
                 os.replace(partial, final)
                 renamed.append(final)

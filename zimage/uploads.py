@@ -188,4 +188,7 @@ def prepare_inputs(width: int, height: int, *, max_bytes: int, image: tuple[byte
         read = read_mask(mask[0], mask[1], max_bytes=max_bytes, size=(width, height))
         fields["mask"] = read.image
         inputs.append((mask[1], read.sha256, "mask"))
+        if read.original_size != (width, height):
+            notes.append(f"{mask[1]} is {read.original_size[0]}x{read.original_size[1]}: it was resized to "
+                         f"{width}x{height}, the requested size.")
     return PreparedInputs(fields=fields, inputs=tuple(inputs), notes=tuple(notes))

@@ -133,6 +133,10 @@ class GradioEvents:
         return True
 
 
+#: Endpoint parameters that are files (Gradio file records): anything else there is refused before Gradio parses it.
+FILE_PARAMETERS = frozenset({"image", "mask", "control_image", "editor"})
+
+
 class JobRouting:
     """ASGI middleware: tags queue joins with a token and routes Gradio's ``/cancel`` to the service's job.
 
@@ -158,7 +162,8 @@ class JobRouting:
             await self.app(scope, receive, send)
             return
         body, receive = await _read_body(receive)
-        if await self._check_files(send, body):
+        key = path.rstrip("/").rsplit("/", 1)[-1] if "/call/" in path else _json_field(body, "fn_index")
+        if await self._check_files(send, body, key):
             return
         if path.endswith("/queue/join"):
             await self._join(scope, body, receive, send)
@@ -167,18 +172,27 @@ class JobRouting:
         else:
             await self.app(scope, receive, send)
 
-    async def _check_files(self, send: Any, body: bytes) -> bool:
+    async def _check_files(self, send: Any, body: bytes, key: Any) -> bool:
         """Answer 422 (and return True) when a file record in the call names anything but an uploaded file.
 
         Gradio copies every file record's path (or URL) into its cache before any handler runs, and for an app
         mounted with ``mount_gradio_app`` it does not check where the path points: a client could name any file
         this process can read, or make it fetch a URL. Only files uploaded to this server are let through."""
         data = _json_field(body, "data")
+        names = self.arity.get(key) or ()
+        message = None
+        if isinstance(data, list):
+            for name, value in zip(names, data):
+                if name in FILE_PARAMETERS and value is not None and not isinstance(value, dict):
+                    message = (f"{name}={_shown(value)} is not a file: upload the file first and send the record the "
+                               "upload returned ({\"path\": ...}; gradio_client: handle_file(PATH)), or null.")
+                    break
         foreign = _foreign_file(data, Path(gradio.utils.get_upload_folder()).resolve()) if data else None
-        if foreign is None:
+        if foreign is not None:
+            message = (f"the file {_shown(foreign, 80)} was not uploaded to this server: upload files first "
+                       "(the page and gradio_client's handle_file do), then send the path the upload returned.")
+        if message is None:
             return False
-        message = (f"the file {_shown(foreign, 80)} was not uploaded to this server: upload files first "
-                   "(the page and gradio_client's handle_file do), then send the path the upload returned.")
         self.on_invalid(message)
         await _send_json(send, 422, {"error": message, "detail": message})
         return True
@@ -336,6 +350,15 @@ def parse_loras(value: Any) -> tuple[tuple[Any, Any], ...]:
     return tuple(parsed)
 
 
+#: What a mode endpoint says when its input is missing.
+REQUIRED_MESSAGES = {
+    "image": "an input image is required: upload the image to start from.",
+    "mask": "a mask is required for inpainting (white: repaint): send one, or use /img2img without a mask.",
+    "control_image": "a control image is required for ControlNet: upload one (edges, depth, pose...).",
+    "editor": "the image editor is empty: upload the image to repaint, then paint over the area to change.",
+}
+
+
 class WebGenerator:
     """The handlers of the generation endpoints over the service (one per app).
 
@@ -357,8 +380,8 @@ class WebGenerator:
 
         seed -1 (or empty) draws a random seed; the used seed is in the returned info.
         """
-        async for output in self._run(request, progress, {}, prompt=prompt, width=width, height=height, steps=steps,
-                                      seed=seed, num_images=num_images, guidance_scale=guidance_scale,
+        async for output in self._run(request, progress, {}, (), prompt=prompt, width=width, height=height,
+                                      steps=steps, seed=seed, num_images=num_images, guidance_scale=guidance_scale,
                                       negative_prompt=negative_prompt, loras=loras):
             yield output
 
@@ -366,8 +389,8 @@ class WebGenerator:
                       num_images: Any, guidance_scale: Any = 0.0, negative_prompt: Any = "", loras: Any = None,
                       request: gr.Request = None, progress: gr.Progress = gr.Progress()):
         """Image to image: ``image`` (PNG/JPEG/WebP, resized to width x height) repainted by ``strength`` (0, 1]."""
-        async for output in self._run(request, progress, {"image": image}, prompt=prompt, strength=strength,
-                                      width=width, height=height, steps=steps, seed=seed, num_images=num_images,
+        async for output in self._run(request, progress, {"image": image}, ("image",), prompt=prompt,
+                                      strength=strength, width=width, height=height, steps=steps, seed=seed, num_images=num_images,
                                       guidance_scale=guidance_scale, negative_prompt=negative_prompt, loras=loras):
             yield output
 
@@ -375,7 +398,8 @@ class WebGenerator:
                       seed: Any, num_images: Any, guidance_scale: Any = 0.0, negative_prompt: Any = "",
                       loras: Any = None, request: gr.Request = None, progress: gr.Progress = gr.Progress()):
         """Inpainting: the white area of ``mask`` (or the painted strokes of a transparent PNG) is repainted."""
-        async for output in self._run(request, progress, {"image": image, "mask": mask}, prompt=prompt,
+        async for output in self._run(request, progress, {"image": image, "mask": mask}, ("image", "mask"),
+                                      prompt=prompt,
                                       strength=strength, width=width, height=height, steps=steps, seed=seed,
                                       num_images=num_images, guidance_scale=guidance_scale,
                                       negative_prompt=negative_prompt, loras=loras):
@@ -388,7 +412,7 @@ class WebGenerator:
         """ControlNet: the image follows ``control_image`` (edges, depth, pose...); with ``image`` and ``mask``
         only the mask's white area is repainted."""
         async for output in self._run(request, progress, {"control_image": control_image, "image": image,
-                                                          "mask": mask},
+                                                          "mask": mask}, ("control_image",),
                                       prompt=prompt, controlnet_conditioning_scale=controlnet_conditioning_scale,
                                       width=width, height=height, steps=steps, seed=seed, num_images=num_images,
                                       guidance_scale=guidance_scale, negative_prompt=negative_prompt, loras=loras):
@@ -398,7 +422,8 @@ class WebGenerator:
     async def inpaint_editor(self, prompt: Any, editor: Any, strength: Any, width: Any, height: Any, steps: Any,
                              seed: Any, num_images: Any, guidance_scale: Any, negative_prompt: Any, loras: Any,
                              request: gr.Request = None, progress: gr.Progress = gr.Progress()):
-        async for output in self._run(request, progress, {"editor": editor}, prompt=prompt, strength=strength,
+        async for output in self._run(request, progress, {"editor": editor}, ("editor",), prompt=prompt,
+                                      strength=strength,
                                       width=width, height=height, steps=steps, seed=seed, num_images=num_images,
                                       guidance_scale=guidance_scale, negative_prompt=negative_prompt, loras=loras):
             yield output
@@ -408,16 +433,21 @@ class WebGenerator:
                                 guidance_scale: Any, negative_prompt: Any, loras: Any,
                                 request: gr.Request = None, progress: gr.Progress = gr.Progress()):
         files = {"control_image": control_image, "editor": editor if _editor_has_image(editor) else None}
-        async for output in self._run(request, progress, files, prompt=prompt,
+        async for output in self._run(request, progress, files, ("control_image",), prompt=prompt,
                                       controlnet_conditioning_scale=controlnet_conditioning_scale, width=width,
                                       height=height, steps=steps, seed=seed, num_images=num_images,
                                       guidance_scale=guidance_scale, negative_prompt=negative_prompt, loras=loras):
             yield output
 
     # --- One job ---------------------------------------------------------------------------------------
-    async def _run(self, request: Any, progress: Any, files: dict[str, Any], *, seed: Any, loras: Any,
-                   negative_prompt: Any, **values: Any):
+    async def _run(self, request: Any, progress: Any, files: dict[str, Any], required: tuple[str, ...], *,
+                   seed: Any, loras: Any, negative_prompt: Any, **values: Any):
+        """One job: ``files`` are the endpoint's file inputs, ``required`` those it cannot do without (an endpoint
+        never falls back to another mode because an input is missing)."""
         try:
+            missing = [name for name in required if files.get(name) is None]
+            if missing:
+                raise ValidationError(REQUIRED_MESSAGES[missing[0]])
             inputs = await asyncio.to_thread(self._read_files, files, values.get("width"), values.get("height"))
             job_request = GenerationRequest(seed=_seed_value(seed), loras=parse_loras(loras),
                                             negative_prompt="" if negative_prompt is None else negative_prompt,
@@ -573,36 +603,43 @@ def size_from_image(path: Any) -> tuple[Any, Any, Any]:
 def use_as_input(gallery: list, selected: Any) -> list[Any]:
     """Send the selected result (else the first) to image-to-image, and switch to that tab."""
     if not gallery:
-        raise gr.Error("There is no result to use yet: generate an image first.", title="No image")
+        return [gr.skip(), gr.skip(), *[gr.skip()] * len(MODES),
+                "There is no result to use yet: generate an image first."]
     index = selected if isinstance(selected, int) and 0 <= selected < len(gallery) else 0
     item = gallery[index]
     path = item[0] if isinstance(item, (list, tuple)) else item
-    return [path, gr.Tabs(selected="img2img"), *show_mode("img2img")]
+    return [path, gr.Tabs(selected="img2img"), *show_mode("img2img"), "The result is the input of image to image."]
 
 
-def fill_from_png(path: Any) -> list[Any]:
-    """Fill the form from the parameters saved in one of this server's PNGs (prompt, seed, size, steps, LoRAs)."""
+def fill_from_png(path: Any, available_loras: list[str]) -> list[Any]:
+    """Fill the form from the parameters saved in one of this server's PNGs (prompt, seed, size, steps, LoRAs).
+
+    LoRAs that are not in the folder now (``available_loras``) are left out, and the status says which."""
     from .storage import read_metadata
 
-    keep = [gr.skip()] * (9 + 2 * LORA_ROWS)
+    keep = [gr.skip()] * (8 + 2 * LORA_ROWS)
     if not path:
-        return keep
+        return keep + [gr.skip()]
     try:
         meta = read_metadata(Path(path))
-    except (OSError, ValueError) as exc:
-        gr.Warning(f"That file has no parameters from this server ({exc}): drop a PNG generated here.")
-        return keep
-    loras = [entry for entry in meta.get("loras") or [] if isinstance(entry, dict)][:LORA_ROWS]
+    except (OSError, ValueError, SyntaxError):
+        return keep + [f"{Path(path).name} has no parameters from this server: drop a PNG generated here."]
+    entries = [entry for entry in meta.get("loras") or [] if isinstance(entry, dict)]
+    usable = [entry for entry in entries if entry.get("name") in available_loras][:LORA_ROWS]
+    missing = [str(entry.get("name")) for entry in entries if entry not in usable]
     rows: list[Any] = []
     for index in range(LORA_ROWS):
-        entry = loras[index] if index < len(loras) else {}
-        rows += [entry.get("name"), entry.get("weight", 1.0)]
-    guidance = meta.get("guidance_scale", gr.skip())
+        entry = usable[index] if index < len(usable) else {}
+        # The pickers get the folder's current names too: a value outside a dropdown's choices is refused.
+        rows += [gr.update(value=entry.get("name"), choices=available_loras), entry.get("weight", 1.0)]
+    status = f"Settings of {Path(path).name} loaded (seed {meta.get('seed')})."
+    if missing:
+        status += f" Not in the LoRA folder now, left out: {', '.join(missing)}."
     return [meta.get("prompt", gr.skip()), meta.get("negative_prompt", ""), CUSTOM_SIZE,
             gr.update(value=meta["width"], interactive=True) if "width" in meta else gr.skip(),
             gr.update(value=meta["height"], interactive=True) if "height" in meta else gr.skip(),
-            meta.get("steps", gr.skip()), guidance, meta.get("seed", gr.skip()),
-            f"Settings of {Path(path).name} loaded (seed {meta.get('seed')}).", *rows]
+            meta.get("steps", gr.skip()), meta.get("guidance_scale", gr.skip()), meta.get("seed", gr.skip()),
+            *rows, status]
 
 
 def lora_choices(service: GenerationService) -> list[str]:
@@ -737,10 +774,11 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
         source_image.upload(size_from_image, inputs=[source_image], outputs=[preset, width, height], **private)
         editor.upload(size_from_image, inputs=[editor], outputs=[preset, width, height], **private)
         result.select(_selected_index, outputs=[selected], **private)
-        use_button.click(use_as_input, inputs=[result, selected], outputs=[source_image, tabs, *buttons], **private)
-        png_drop.upload(fill_from_png, inputs=[png_drop],
-                        outputs=[prompt, negative_prompt, preset, width, height, steps, guidance, seed, status,
-                                 *lora_rows], **private)
+        use_button.click(use_as_input, inputs=[result, selected], outputs=[source_image, tabs, *buttons, status],
+                         **private)
+        png_drop.upload(lambda path: fill_from_png(path, lora_choices(service)), inputs=[png_drop],
+                        outputs=[prompt, negative_prompt, preset, width, height, steps, guidance, seed, *lora_rows,
+                                 status], **private)
         for index in range(LORA_ROWS - 1):
             lora_rows[2 * index].change(lambda name: gr.update(visible=True) if name else gr.skip(),
                                         inputs=[lora_rows[2 * index]], outputs=[row_boxes[index + 1]], **private)
@@ -789,7 +827,12 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
     app = fastapi.FastAPI(title="Z-Image-Turbo server", docs_url=None, redoc_url=None, openapi_url=None)
     from . import auth as zauth
 
-    guard = zauth.Guard(read_auth_pairs(settings), metrics_public=settings.metrics_public)
+    from .openai_api import build_router
+
+    # The REST API checks its own Bearer key; without one it sits behind the sign-in like everything else.
+    guard = zauth.Guard(read_auth_pairs(settings), metrics_public=settings.metrics_public,
+                        open_prefixes=("/v1/",) if settings.api_key else ("/v1/files/",))  # a signed link is a credential
+    app.include_router(build_router(service, settings, ui_auth=guard.enabled))
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])  # load balancers often check with HEAD
     def healthz() -> Any:

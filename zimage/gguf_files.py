@@ -1,0 +1,111 @@
+"""GGUF-quantized transformers (``--transformer-file PATH.gguf``): size from the header, loading, a demo writer.
+
+The key layout is that of the original Z-Image checkpoint, which published Z-Image-Turbo GGUF files keep and
+diffusers' single-file converter (``convert_z_image_transformer_checkpoint_to_diffusers`` in
+``diffusers/loaders/single_file_utils.py``, 0.42.1) maps to ``ZImageTransformer2DModel``: ``x_embedder.`` and
+``final_layer.`` (diffusers: ``all_x_embedder.2-1.``, ``all_final_layer.2-1.``), one fused
+``attention.qkv.weight`` per block (diffusers: ``to_q``/``to_k``/``to_v``, split in three along the output
+dimension), ``attention.out.`` (``to_out.0.``), ``attention.q_norm.``/``k_norm.`` (``norm_q``/``norm_k``); every
+other name is the same in both.
+
+The ``gguf`` package is imported only here, when a GGUF file is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .planner import ComponentStats
+
+#: Quantization types ``make-demo --gguf`` writes (those the gguf package 0.19.0 quantizes in numpy).
+DEMO_GGUF_TYPES = ("Q8_0", "Q4_0")
+#: diffusers name -> original checkpoint name (the inverse of diffusers' Z-Image single-file renames).
+_TO_ORIGINAL = (("all_x_embedder.2-1.", "x_embedder."), ("all_final_layer.2-1.", "final_layer."),
+                (".attention.to_out.0.", ".attention.out."), (".attention.norm_q.", ".attention.q_norm."),
+                (".attention.norm_k.", ".attention.k_norm."))
+
+
+def _reader(path: Path) -> Any:
+    try:
+        import gguf
+    except ImportError as exc:  # pragma: no cover - gguf is in requirements.txt
+        raise ValueError("reading a GGUF file needs the gguf package: pip install gguf==0.19.0") from exc
+    try:
+        return gguf.GGUFReader(str(path))  # memory-maps the file: no weight is read
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable GGUF file ({exc})") from exc
+
+
+def gguf_transformer_stats(path: Path) -> ComponentStats:
+    """Parameter counts of a GGUF transformer grouped as offloading moves them, and ``stored_bytes``: the sum of its
+    tensors' bytes as stored (quantized), read from the header without loading weights. Raises ValueError for a
+    file that is not GGUF."""
+    from .model_files import stats_from_shapes
+
+    reader = _reader(path)
+    shapes = {tensor.name: [int(tensor.n_elements)] for tensor in reader.tensors}
+    stats = stats_from_shapes(shapes)
+    from dataclasses import replace
+
+    return replace(stats, stored_bytes=sum(int(tensor.n_bytes) for tensor in reader.tensors))
+
+
+def to_original_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers ``ZImageTransformer2DModel`` state dict (numpy arrays) in the original checkpoint's key layout."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if key.endswith(".attention.to_k.weight") or key.endswith(".attention.to_v.weight"):
+            continue
+        if key.endswith(".attention.to_q.weight"):
+            base = key[: -len(".attention.to_q.weight")]
+            out[base + ".attention.qkv.weight"] = np.concatenate(
+                [state_dict[f"{base}.attention.to_{part}.weight"] for part in "qkv"], axis=0)
+            continue
+        for new, old in _TO_ORIGINAL:
+            key = key.replace(new, old)
+        out[key] = value
+    return out
+
+
+def write_transformer_gguf(transformer: Any, path: Path, quant: str) -> int:
+    """Write ``transformer`` (a loaded ``ZImageTransformer2DModel``) to ``path`` as GGUF in the original key layout:
+    the linear layers' 2-D weights quantized to ``quant`` (Q8_0 or Q4_0; rows must be multiples of the 32-value
+    block), everything else (biases, norms, the pad tokens) in float32, as published GGUF files keep them.
+    Returns the bytes of the tensors written."""
+    import gguf
+
+    if quant not in DEMO_GGUF_TYPES:
+        raise ValueError(f"quantization {quant!r} is not one this writer makes: use {' or '.join(DEMO_GGUF_TYPES)}.")
+    kind = getattr(gguf.GGMLQuantizationType, quant)
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    arrays = {k: v.detach().float().cpu().numpy() for k, v in transformer.state_dict().items()}
+    writer = gguf.GGUFWriter(str(path), arch="z_image")
+    total = 0
+    for name, array in to_original_state_dict(arrays).items():
+        if name.endswith(".weight") and array.ndim == 2 and array.shape[-1] % block == 0:
+            data = gguf.quants.quantize(array, kind)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+        else:
+            data = array.astype("float32")
+            writer.add_tensor(name, data)
+        total += data.nbytes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return total
+
+
+def load_gguf_transformer(path: Path, config: str, dtype: Any) -> Any:
+    """``ZImageTransformer2DModel.from_single_file`` of a GGUF file with diffusers' ``GGUFQuantizationConfig``
+    (weights stay quantized, dequantized layer by layer into ``dtype`` while computing). ``config`` is the model
+    folder or hub id whose ``transformer/`` config describes the architecture (nothing is fetched for a local
+    folder). Raises OSError/ValueError from diffusers for a file it cannot map."""
+    from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel.from_single_file(
+        str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), config=config,
+        subfolder="transformer", dtype=dtype)

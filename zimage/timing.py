@@ -1,0 +1,153 @@
+"""Pure arithmetic for the planner's time model: FLOPs per image, and the rates of common cards. No torch here.
+
+The planner (:mod:`zimage.planner`) predicts each placement's seconds per image as
+
+    (transformer FLOPs + text encoder FLOPs) / the card's bf16 matmul rate
+    + bytes moved host-to-device per image / the host-to-device bandwidth
+
+with no overlap of copies and compute assumed (an upper estimate for the prefetching placements). The rates come
+from a short probe at start on a real GPU (:func:`zimage.hardware.probe_throughput`: measured), or for
+``python -m zimage plan --vram-gb`` from ``--tflops``/``--pcie-gbps`` or :data:`KNOWN_GPUS` (spec sheets, scaled by
+the assumed efficiencies below). None of the resulting seconds has been checked on a GPU yet:
+``benchmarks/gpu_profiles.py`` prints predicted next to measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+#: The transformer pads image and caption tokens to a multiple of this (diffusers' SEQ_MULTI_OF for Z-Image).
+SEQ_MULTIPLE = 32
+#: Caption tokens the planner assumes for the time model: a prompt of a few sentences with its chat template.
+#: (The memory model assumes the worst case, 512.) The text encoder itself always runs 512 tokens: the pipeline
+#: pads to max_sequence_length.
+PLANNED_CAPTION_TOKENS = 128
+TEXT_ENCODER_TOKENS = 512
+
+#: Share of a spec sheet's dense bf16 rate that large bf16 matmuls reach in practice (assumed, not measured here:
+#: cuBLAS typically reaches 60-80% on big GEMMs; attention and norms do worse). A probed rate is used as measured.
+SPEC_MATMUL_EFFICIENCY = 0.7
+#: Share of a PCIe link's theoretical rate that pinned host-to-device copies reach (assumed: about 80% is the usual
+#: figure for x16 links). A probed bandwidth is used as measured.
+SPEC_PCIE_EFFICIENCY = 0.8
+#: Theoretical host-to-device rate of a PCIe x16 link per generation, GB/s (1e9 bytes; PCI-SIG: 8, 16, 32 GT/s per
+#: lane with 128b/130b encoding).
+PCIE_X16_GBPS = {3: 15.75, 4: 31.5, 5: 63.0}
+
+
+def padded(tokens: int) -> int:
+    """``tokens`` rounded up to the transformer's sequence multiple."""
+    return math.ceil(tokens / SEQ_MULTIPLE) * SEQ_MULTIPLE
+
+
+def transformer_flops_per_image(config: Mapping[str, Any], width: int, height: int, steps: int,
+                                caption_tokens: int) -> float:
+    """Floating-point operations of the transformer for one image (multiply-add = 2 FLOPs), one forward per step.
+
+    ``config`` is the transformer's config (``dim``, ``n_layers``, ``n_refiner_layers``, ``all_patch_size``,
+    ``in_channels``, ``cap_feat_dim``). Per forward: the main layers over image + caption tokens, the noise refiner
+    over image tokens, the context refiner over caption tokens; each block is q/k/v/o projections (4 d^2 per
+    token), the SwiGLU feed-forward (3 d h, h = 8d/3) and attention (QK^T and AV: 2 S^2 d per block), plus the
+    patch/caption embedders and the final layer. Classifier-free guidance doubles it (the caller multiplies).
+    """
+    dim = config["dim"]
+    hidden = int(dim / 3 * 8)
+    patch = config["all_patch_size"][0]
+    latent_channels = config["in_channels"]
+    image_tokens = padded((width // 8 // patch) * (height // 8 // patch))
+    caption = padded(caption_tokens)
+
+    def block(tokens: int) -> float:
+        return 2 * tokens * (4 * dim * dim + 3 * dim * hidden) + 2 * 2 * tokens * tokens * dim
+
+    patch_features = patch * patch * latent_channels
+    per_forward = (config["n_layers"] * block(image_tokens + caption)
+                   + config["n_refiner_layers"] * (block(image_tokens) + block(caption))
+                   + 2 * image_tokens * patch_features * dim * 2  # x embedder and final layer
+                   + 2 * caption * config["cap_feat_dim"] * dim)
+    return per_forward * steps
+
+
+def dense_flops(params: int, tokens: int) -> float:
+    """FLOPs of a stack of linear layers holding ``params`` weights over ``tokens`` tokens (no attention): the
+    estimate used when a transformer's config is unknown, and for the text encoder (attention over 512 tokens is a
+    few percent of a 2560-wide model's work)."""
+    return 2.0 * params * tokens
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What the time model needs of a GPU: its bf16 matmul rate (TFLOP/s, 1e12) and its host-to-device copy rate
+    (GB/s, 1e9 bytes), both as achieved (a probe's measurement, or a spec sheet scaled by the assumed efficiencies),
+    and where they came from."""
+
+    bf16_tflops: float
+    h2d_gbps: float
+    source: str
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """A card's spec-sheet figures: memory (GB as sold, 1e9 bytes), dense bf16 tensor rate (TFLOP/s, without
+    sparsity; for GeForce cards the FP16/BF16 rate with FP32 accumulate), and its PCIe link (generation, lanes)."""
+
+    name: str
+    memory_gb: float
+    dense_bf16_tflops: float
+    pcie_gen: int
+    pcie_lanes: int = 16
+    source: str = ""
+
+    def throughput(self) -> Throughput:
+        """Spec-sheet rates scaled by :data:`SPEC_MATMUL_EFFICIENCY` and :data:`SPEC_PCIE_EFFICIENCY`."""
+        link = PCIE_X16_GBPS[self.pcie_gen] * self.pcie_lanes / 16
+        return Throughput(self.dense_bf16_tflops * SPEC_MATMUL_EFFICIENCY, link * SPEC_PCIE_EFFICIENCY,
+                          f"spec sheet of the {self.name} (not measured): {self.dense_bf16_tflops:g} TFLOPS dense bf16 "
+                          f"x {SPEC_MATMUL_EFFICIENCY:g}, PCIe {self.pcie_gen}.0 x{self.pcie_lanes} x "
+                          f"{SPEC_PCIE_EFFICIENCY:g}")
+
+
+_ADA = "NVIDIA Ada Lovelace architecture whitepaper (GeForce RTX 40 series), FP16/BF16 tensor, FP32 accumulate, dense"
+_AMPERE_GEFORCE = "NVIDIA Ampere GA10x whitepaper / GA106 figures, FP16/BF16 tensor, FP32 accumulate, dense"
+
+#: Common cards, spec-sheet figures (vendor datasheets and architecture whitepapers; dense, i.e. without the 2:4
+#: sparsity that doubles the headline numbers). They are not measured here: the planner scales them by the assumed
+#: efficiencies above, and a real GPU is probed instead at start.
+KNOWN_GPUS: tuple[GpuSpec, ...] = (
+    GpuSpec("RTX 3060 12GB", 12, 25.6, 4, source=_AMPERE_GEFORCE + " (112 tensor cores at 1.78 GHz)"),
+    GpuSpec("RTX 4060 Ti 16GB", 16, 44.1, 4, 8, source=_ADA + " (136 tensor cores at 2.54 GHz); PCIe 4.0 x8"),
+    GpuSpec("RTX 4070 12GB", 12, 58.3, 4, source=_ADA + " (184 tensor cores at 2.48 GHz)"),
+    GpuSpec("RTX 4080 16GB", 16, 97.5, 4, source=_ADA),
+    GpuSpec("RTX 4090 24GB", 24, 165.2, 4, source=_ADA),
+    GpuSpec("RTX 5090 32GB", 32, 209.5, 5, source="NVIDIA Blackwell (RTX 50 series) whitepaper, FP16/BF16 tensor, "
+                                                   "FP32 accumulate, dense"),
+    GpuSpec("A10 24GB", 24, 125.0, 4, source="NVIDIA A10 datasheet: BF16 tensor 125 TFLOPS (250 with sparsity)"),
+    GpuSpec("L4 24GB", 24, 121.0, 4, source="NVIDIA L4 datasheet: BF16 tensor 242 TFLOPS with sparsity, half dense"),
+    GpuSpec("L40S 48GB", 48, 362.05, 4, source="NVIDIA L40S datasheet: BF16 tensor 362.05 TFLOPS (733 with sparsity)"),
+    GpuSpec("A100 80GB", 80, 312.0, 4, source="NVIDIA A100 datasheet: BF16 tensor 312 TFLOPS (624 with sparsity); "
+                                              "host link PCIe 4.0 x16 (SXM and PCIe cards)"),
+    GpuSpec("H100 80GB", 80, 989.4, 5, source="NVIDIA H100 SXM datasheet: BF16 tensor 1,979 TFLOPS with sparsity, "
+                                              "989.4 dense (the PCIe card: 756 dense); host link PCIe 5.0 x16"),
+)
+
+
+def _squash(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
+def find_gpu(name: str) -> GpuSpec:
+    """The :data:`KNOWN_GPUS` entry ``name`` names (case, spaces and the memory suffix optional: "4090",
+    "rtx 4060 ti 16gb", "H100"). Raises ValueError listing the known names when none or several match."""
+    wanted = _squash(name)
+    exact = [gpu for gpu in KNOWN_GPUS if _squash(gpu.name) == wanted]
+    if exact:
+        return exact[0]
+    matches = [gpu for gpu in KNOWN_GPUS if wanted and wanted in _squash(gpu.name)]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(gpu.name for gpu in KNOWN_GPUS)
+    what = "matches several cards" if matches else "is not in the table"
+    raise ValueError(f"gpu name {name!r} {what}: use one of {known}, or give --vram-gb with --tflops and "
+                     "--pcie-gbps.")
