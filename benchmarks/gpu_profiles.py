@@ -57,12 +57,18 @@ class Case:
     options: tuple[str, ...] = ()
     use_streams: bool | None = None  # group-offload only: None = the planner's choice (streams on CUDA)
     max_repeats: int | None = None  # cap for very slow placements
+    attention_backend: str = "native"  # --attention-backend: a kernel missing on this machine fails only its row
+    compile: bool = False  # --compile: regional compilation; its compile + warm-up time is in the load time
 
     @property
     def label(self) -> str:
         name = " + ".join((self.profile,) + self.options)
         if self.use_streams is not None:
             name += " (streams)" if self.use_streams else " (no streams)"
+        if self.attention_backend != "native":
+            name += f" [attention {self.attention_backend}]"
+        if self.compile:
+            name += " [compiled]"
         return name
 
 
@@ -84,6 +90,12 @@ GPU_CASES = (
     Case("group-offload", (), use_streams=True, max_repeats=3),
     Case("group-offload", (), use_streams=False, max_repeats=3),
     Case("sequential-offload", (), max_repeats=1),
+    # The attention kernels and regional compilation, on the fastest placement (their speed-up is not measured yet).
+    Case("full", attention_backend="auto", max_repeats=3),
+    Case("full", attention_backend="_native_cudnn", max_repeats=3),
+    Case("full", attention_backend="flash", max_repeats=3),
+    Case("full", attention_backend="_flash_3", max_repeats=3),
+    Case("full", compile=True, max_repeats=3),
 )
 CPU_CASES = (Case("cpu"),)
 
@@ -228,7 +240,8 @@ def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, d
     # hit is measured on its own, measure_prompt_cache).
     settings = Settings(model=str(folder), memory_profile=case.profile, memory_options=case.options,
                         device=device, outputs_dir=work / "outputs",
-                        data_dir=work / "data", auto_fp8=True, prompt_cache_mb=0)
+                        data_dir=work / "data", auto_fp8=True, prompt_cache_mb=0,
+                        attention_backend=case.attention_backend, compile=case.compile)
 
     def factory(source: Any, plan: Any) -> Any:
         if case.use_streams is not None and plan.profile == "group-offload":
@@ -244,7 +257,8 @@ def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, d
         plan = service.plan
         row.update(label=case.label if case.profile != "auto" else plan.describe(), profile=plan.profile,
                    options=list(plan.options), predicted_peak_bytes=plan.predicted_peak_bytes,
-                   predicted_seconds=plan.predicted_seconds, bytes_moved_per_image=plan.bytes_moved_per_image)
+                   predicted_seconds=plan.predicted_seconds, bytes_moved_per_image=plan.bytes_moved_per_image,
+                   attention_backend=service.attention_backend, compiled=case.compile)
         request = GenerationRequest(prompt=PROMPT, width=1024, height=1024, steps=DEFAULT_STEPS, seed=1)
         service.generate(request)  # warm-up: kernels, allocator, offload hooks
         reset_gpu_peak(device)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one run: the opt-in GPU test tier on the demo model, then the
 # memory-profile benchmark on the full-size architecture: every placement (transformer-resident and the fp8
-# options included), predicted vs measured s/image, prompt-cache hits, emulated cards. --repeats 3 keeps it to
+# options included), the attention kernels and --compile, predicted vs measured s/image, prompt-cache hits,
+# emulated cards. --repeats 3 keeps it to
 # about 10 minutes on an H100-class card (an estimate: not run yet).
 #   scripts/gpu_checks.sh [RESULTS_DIR]      (default benchmarks/results)
 set -uo pipefail
