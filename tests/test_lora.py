@@ -470,6 +470,16 @@ def test_cli_loras_lists_the_folder(lora_dir: Path, data_dir: Path, capsys) -> N
     assert "no: it was made for Flux" in text.stdout
 
 
+def test_cli_loras_names_a_missing_folder_and_refuses_a_file(data_dir: Path, tmp_path: Path, capsys) -> None:
+    from zimage.cli import main
+
+    assert main(["loras", "--demo", "--lora-dir", str(tmp_path / "nowhere"), "--data-dir", str(data_dir)]) == 0
+    assert "nowhere does not exist yet" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["loras", "--demo", "--lora-dir", str(tmp_path / "a-file"), "--data-dir", str(data_dir)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 def test_cli_generate_with_loras_end_to_end(lora_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     done = run(["generate", "a cat", "--demo", "--seed", "3", "--width", "256", "--height", "256", "--steps", "2",
                 "--lora", "demo-peft:0.5", "--lora", "second", "--lora-dir", str(lora_dir), "--out-dir",

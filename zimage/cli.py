@@ -188,8 +188,13 @@ def _loras(args: argparse.Namespace) -> int:
         print(json.dumps([item.info() for item in files], indent=2, ensure_ascii=False))
         return 0
     if not files:
-        print(f"no LoRA files in {settings.lora_folder}: put .safetensors LoRAs there (or set --lora-dir / "
-              "ZIMAGE_LORA_DIR).", file=sys.stderr)
+        folder = settings.lora_folder
+        if folder.exists() and not folder.is_dir():
+            print(f"error: the LoRA folder {folder} is a file, not a folder: set --lora-dir (ZIMAGE_LORA_DIR) to a "
+                  "folder.", file=sys.stderr)
+            return 2
+        where = f"{folder} does not exist yet" if not folder.exists() else f"no LoRA files in {folder}"
+        print(f"{where}: put .safetensors LoRAs there (or set --lora-dir / ZIMAGE_LORA_DIR).", file=sys.stderr)
         return 0
     width = max(len(item.name) for item in files)
     print(f"{'NAME':<{width}}  {'SIZE':>9}  {'FORMAT':<8}  FITS")
