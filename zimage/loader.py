@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .demo_model import DEMO_CONTROLNET_DIRNAME, demo_model_path, ensure_demo_model
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, first_line
 from .model_family import ModelDefaults, defaults_for, detect_family
 from .model_files import controlnet_stats, find_local_model_folder, looks_like_local_path, sizes_for
 from .planner import (
@@ -261,7 +261,7 @@ def load_controlnet(source: ControlNetSource, plan: MemoryPlan, pipe: Any) -> An
     except ModelNotFoundError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFoundError(_controlnet_message(source.label, _first_line(exc))) from exc
+        raise ModelNotFoundError(_controlnet_message(source.label, first_line(exc, 300))) from exc
     in_channels, control_in = pipe.transformer.config.in_channels, controlnet.config.control_in_dim
     if control_in < in_channels:
         raise ModelNotFoundError(_controlnet_message(source.label, f"its control input has {control_in} channels, "
@@ -375,7 +375,7 @@ def load_pipeline(source: ModelSource, plan: MemoryPlan) -> Any:
                                                           torch_dtype(plan.dtype))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelNotFoundError(f"--transformer-file {source.transformer_file.name!r} could not be loaded as a "
-                                     f"Z-Image transformer: {_first_line(exc)}") from exc
+                                     f"Z-Image transformer: {first_line(exc, 300)}") from exc
     if plan.profile == "balanced":
         # Whole components spread over the GPUs, each limited to its usable memory.
         kwargs["device_map"] = "balanced"
@@ -383,15 +383,10 @@ def load_pipeline(source: ModelSource, plan: MemoryPlan) -> Any:
     try:
         pipe = ZImagePipeline.from_pretrained(source.pretrained, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(_not_found_message(source.label, _first_line(exc))) from exc
+        raise ModelNotFoundError(_not_found_message(source.label, first_line(exc, 300))) from exc
     apply_plan(pipe, plan)
     pipe.set_progress_bar_config(disable=True)  # the service reports progress itself
     return pipe
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def apply_plan(pipe: Any, plan: MemoryPlan) -> None:

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import LoraError, ValidationError
+from .errors import first_line as _first_line
+from .errors import shown as _shown
 
 log = logging.getLogger("zimage.lora")
 
@@ -69,12 +71,6 @@ DEMO_LORA_RANK = 4
 Stamp = tuple[int, int]
 #: Linear layer name -> (in_features, out_features); None for a module that is not a linear layer.
 ModuleTable = Mapping[str, "tuple[int, int] | None"]
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, so an error never echoes a huge value back."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # --- Request values ------------------------------------------------------------------------------
@@ -715,10 +711,6 @@ def _loaded_adapter_names(pipe: Any) -> set[str]:
     except Exception:  # noqa: BLE001 - no adapter was ever loaded (no peft config yet)
         return set()
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 # --- Demo LoRAs (for tests, the benchmark and trying the feature without a real LoRA) ---------------------

@@ -39,8 +39,10 @@ from typing import Any
 import fastapi  # the REST door is FastAPI's (its handlers' annotations are resolved from this module's names)
 
 from .errors import GenerationCancelled, QueueFull, ServiceNotReady, ValidationError, ZImageError
+from .errors import first_line as _first_line
+from .errors import shown as _shown
 from .jobs import watch
-from .service import MAX_IMAGES, GenerationRequest, GenerationService, _shown
+from .service import MAX_IMAGES, GenerationRequest, GenerationService
 from .settings import Settings
 
 log = logging.getLogger("zimage.openai_api")
@@ -401,10 +403,6 @@ def _count_refusal(service: GenerationService, error: ApiError) -> None:
     if not error.counted and error.status in (400, 401, 403):
         service.count_outcome("invalid")
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 __all__ = ["ApiError", "UrlSigner", "build_router", "parse_size", "rest_api_problem", "MAX_IMAGES"]

@@ -41,6 +41,8 @@ from .errors import (
     ValidationError,
     ZImageError,
 )
+from .errors import first_line as _first_line
+from .errors import shown as _shown
 from .jobs import RUNNING, SAVING, Job, JobQueue, Progress
 from .model_family import TURBO, ModelDefaults
 from .lora import MAX_LORAS, LoraAdapters, LoraFile, LoraFolder, LoraLoadFailed, placement_problem, validate_loras
@@ -213,12 +215,6 @@ def _nearest_multiples(value: int) -> str:
     low = max(MIN_SIDE_PX, value - value % SIDE_MULTIPLE_PX)
     high = min(MAX_SIDE_PX, low + SIDE_MULTIPLE_PX)
     return f"{low} or {high}" if low != high else str(low)
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: an error (and the log) never echoes megabytes back."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _is_whole_number(value: Any) -> bool:
@@ -1211,7 +1207,3 @@ def _loggable_loras(loras: Any) -> Any:
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__

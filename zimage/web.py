@@ -28,6 +28,7 @@ import gradio as gr
 import gradio.utils  # the web door is Gradio; app.py sets GRADIO_TEMP_DIR before importing this module
 
 from .errors import GenerationCancelled, QueueFull, ServiceNotReady, ValidationError, ZImageError
+from .errors import shown as _shown
 from .jobs import Job, watch
 from .metrics import Metrics
 from .service import (
@@ -40,7 +41,6 @@ from .service import (
     SIDE_MULTIPLE_PX,
     GenerationRequest,
     GenerationService,
-    _shown,
 )
 from .settings import Settings, read_auth_pairs
 from .uploads import PreparedInputs, prepare_inputs
