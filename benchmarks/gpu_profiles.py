@@ -7,13 +7,15 @@ to local disk, so the loader's real ``from_pretrained`` path and the planner's s
 are exercised. Then, at 1024x1024 and the Turbo step count, through the generation service:
 
 1. each profile and option (full, transformer-resident, model-offload, group-offload with and without
-   streams, sequential-offload; attention-slicing, vae-tiling, fp8-storage, te-fp8-storage): peak allocated
-   and reserved VRAM, median latency of ``--repeats`` runs after a warm-up (prompt cache off), the planner's
-   predicted seconds per image beside it (from the start-up probe's rates), RAM used; then a prompt-cache
-   miss and hit on model-offload and transformer-resident;
-2. emulated 8/12/16/24 GB cards (``torch.cuda.set_per_process_memory_fraction``): what
-   ``--memory-profile auto`` picks, run for real, its predicted peak next to the measured one (the
-   planner's error), and which profiles fit by their measured peaks (``--emulate-all`` runs them all);
+   streams, sequential-offload; attention-slicing, vae-tiling, fp8-storage, te-fp8-storage; a GGUF Q4_0
+   transformer written from the random one with the ``gguf`` package, ``--gguf``): peak allocated and reserved
+   VRAM, median latency of ``--repeats`` runs after a warm-up (prompt cache off), the planner's predicted peak
+   and seconds per image beside them with its error (predicted from the start-up probe's rates), RAM used; then
+   a prompt-cache miss and hit on model-offload and transformer-resident;
+2. emulated 8/12/16/24 GB cards, and an 8 GB card with the GGUF transformer
+   (``torch.cuda.set_per_process_memory_fraction``): what ``--memory-profile auto`` picks, run for real, its
+   predicted peak and time next to the measured ones (the planner's error), and which profiles fit by their
+   measured peaks (``--emulate-all`` runs them all);
 3. the compute floor: the transformer's FLOPs per image over the GPU's measured bf16 matmul rate,
    and each profile's latency as a multiple of it.
 
@@ -59,6 +61,7 @@ class Case:
     max_repeats: int | None = None  # cap for very slow placements
     attention_backend: str = "native"  # --attention-backend: a kernel missing on this machine fails only its row
     compile: bool = False  # --compile: regional compilation; its compile + warm-up time is in the load time
+    gguf: bool = False  # the transformer from the GGUF file written by write_gguf (--transformer-file)
 
     @property
     def label(self) -> str:
@@ -69,6 +72,8 @@ class Case:
             name += f" [attention {self.attention_backend}]"
         if self.compile:
             name += " [compiled]"
+        if self.gguf:
+            name += " [GGUF]"
         return name
 
 
@@ -96,8 +101,13 @@ GPU_CASES = (
     Case("full", attention_backend="flash", max_repeats=3),
     Case("full", attention_backend="_flash_3", max_repeats=3),
     Case("full", compile=True, max_repeats=3),
+    # A GGUF transformer (the 8 GB target: resident, the text encoder streamed), and the cost of dequantizing it.
+    Case("transformer-resident", gguf=True, max_repeats=3),
+    Case("full", gguf=True, max_repeats=3),
 )
-CPU_CASES = (Case("cpu"),)
+#: Emulated cards: (GB, with the GGUF transformer).
+GPU_CARDS = tuple((card_gb, False) for card_gb in CARDS_GB) + ((8, True),)
+CPU_CASES = (Case("cpu"), Case("cpu", gguf=True))
 
 
 # --- Pure parts (tested without a GPU) --------------------------------------------------------------
@@ -126,17 +136,16 @@ def markdown(result: dict) -> str:
         "timed runs (n) after a warm-up. Weights are random: memory and speed are the real model's, "
         "the images are not.",
         "",
-        "| placement | peak allocated | peak reserved | median latency | predicted s/image | x compute floor | "
-        "RAM (RSS) | note |",
+        "| placement | peak allocated | peak reserved | predicted peak (error) | median latency | predicted s/image "
+        "(error) | x compute floor | RAM (RSS) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["profiles"]:
         if row["ok"]:
             lines.append(f"| {row['label']} | {row['peak_allocated_bytes'] / GIB:.2f} GiB | "
-                         f"{row['peak_reserved_bytes'] / GIB:.2f} GiB | {row['median_s']:.2f} s "
-                         f"(n={len(row['latencies_s'])}) | {row.get('predicted_seconds') or 0:.2f} s | "
-                         f"{row['median_s'] / floor['floor_s']:.1f}x | {row['rss_gb']:.1f} GB | "
-                         f"predicted {row['predicted_peak_bytes'] / GIB:.2f} GiB |")
+                         f"{row['peak_reserved_bytes'] / GIB:.2f} GiB | {_predicted_peak(row)} | "
+                         f"{row['median_s']:.2f} s (n={len(row['latencies_s'])}) | {_predicted_time(row)} | "
+                         f"{row['median_s'] / floor['floor_s']:.1f}x | {row['rss_gb']:.1f} GB |")
         else:
             lines.append(f"| {row['label']} | - | - | - | - | - | - | failed: {row['error'][:80]} |")
     lines += [
@@ -148,7 +157,11 @@ def markdown(result: dict) -> str:
     if result.get("throughput"):
         t = result["throughput"]
         lines += ["", f"Start-up probe (the planner's rates): {t['bf16_tflops']:.1f} TFLOP/s bf16, "
-                      f"{t['h2d_gbps']:.1f} GB/s host-to-device."]
+                      f"{t['h2d_gbps']:.1f} GB/s host-to-device, {t['memory_gbps']:.0f} GB/s memory."]
+    if result.get("gguf"):
+        g = result["gguf"]
+        lines += ["", f"GGUF transformer: {g['quant']}, {g['stored_bytes'] / GIB:.2f} GiB of tensors, written in "
+                      f"{g['write_s']:.0f} s with the gguf package."]
     if result.get("prompt_cache"):
         lines += ["", "| prompt cache | first request (miss) | same prompt again (hit) |", "| --- | --- | --- |"]
         for row in result["prompt_cache"]:
@@ -157,15 +170,34 @@ def markdown(result: dict) -> str:
                          f"| {row['label']} | failed: {row['error'][:60]} | |")
     if result.get("cards"):
         lines += ["", "| emulated card | auto picks | predicted peak | measured peak (reserved) | planner error | "
-                  "latency | placements that fit (measured peaks) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "latency | predicted s/image (error) | x compute floor | placements that fit (measured peaks) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for card in result["cards"]:
             run = card["auto"]
             measured = (f"{run['peak_reserved_bytes'] / GIB:.2f} GiB" if run["ok"] else f"failed: {run['error'][:60]}")
             error = f"{card['planner_error_percent']:+.0f}%" if run["ok"] else "-"
             latency = f"{run['median_s']:.2f} s" if run["ok"] else "-"
-            lines.append(f"| {card['card_gb']} GB | {run['label']} | {run['predicted_peak_bytes'] / GIB:.2f} GiB | "
-                         f"{measured} | {error} | {latency} | {', '.join(card['fitting']) or 'none'} |")
+            floor_x = f"{run['median_s'] / floor['floor_s']:.2f}x" if run["ok"] else "-"
+            name = f"{card['card_gb']} GB" + (" + GGUF" if card.get("gguf") else "")
+            lines.append(f"| {name} | {run['label']} | {run.get('predicted_peak_bytes', 0) / GIB:.2f} GiB | "
+                         f"{measured} | {error} | {latency} | {_predicted_time(run) if run['ok'] else '-'} | "
+                         f"{floor_x} | {', '.join(card['fitting']) or 'none'} |")
     return "\n".join(lines)
+
+
+def _predicted_peak(row: dict) -> str:
+    predicted = row.get("predicted_peak_bytes") or 0
+    if not predicted:
+        return "-"
+    return f"{predicted / GIB:.2f} GiB ({planner_error_percent(predicted, row['peak_reserved_bytes']):+.0f}%)"
+
+
+def _predicted_time(row: dict) -> str:
+    predicted = row.get("predicted_seconds")
+    if not predicted:
+        return "-"
+    error = 100.0 * (predicted - row["median_s"]) / row["median_s"]
+    return f"{predicted:.2f} s ({error:+.0f}%)"
 
 
 # --- Adapters (CUDA, or the CPU with --tiny) -------------------------------------------------------
@@ -225,8 +257,27 @@ def caption_tokens(folder: Path) -> int:
     return len(tokenizer(text).input_ids)
 
 
-def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, device: str) -> dict:
-    """Load the pipeline with this placement through the service, generate, and measure."""
+def write_gguf(folder: Path, quant: str, path: Path) -> dict:
+    """The saved transformer of ``folder`` written to ``path`` as GGUF ``quant`` with the project's writer (the
+    key layout published Z-Image GGUF files use); returns its size and the seconds it took."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    from zimage.gguf_files import write_transformer_gguf
+    from zimage.hardware import release_memory
+
+    started = time.perf_counter()
+    transformer = ZImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=torch.bfloat16)
+    stored = write_transformer_gguf(transformer, path, quant)
+    del transformer
+    release_memory()
+    return {"quant": quant, "path": str(path), "stored_bytes": stored, "write_s": time.perf_counter() - started}
+
+
+def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, device: str,
+             gguf_file: Path | None = None) -> dict:
+    """Load the pipeline with this placement through the service (the transformer from ``gguf_file`` for a GGUF
+    case), generate, and measure."""
     import psutil
 
     from zimage.errors import ZImageError
@@ -241,7 +292,8 @@ def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, d
     settings = Settings(model=str(folder), memory_profile=case.profile, memory_options=case.options,
                         device=device, outputs_dir=work / "outputs",
                         data_dir=work / "data", auto_fp8=True, prompt_cache_mb=0,
-                        attention_backend=case.attention_backend, compile=case.compile)
+                        attention_backend=case.attention_backend, compile=case.compile,
+                        transformer_file=gguf_file if case.gguf else None)
 
     def factory(source: Any, plan: Any) -> Any:
         if case.use_streams is not None and plan.profile == "group-offload":
@@ -345,7 +397,8 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     devices = probe_devices(measure_throughput=not args.tiny)
     if devices.gpus and devices.gpus[0].throughput is not None:
         t = devices.gpus[0].throughput
-        result_throughput = {"bf16_tflops": t.bf16_tflops, "h2d_gbps": t.h2d_gbps, "source": t.source}
+        result_throughput = {"bf16_tflops": t.bf16_tflops, "h2d_gbps": t.h2d_gbps, "memory_gbps": t.memory_gbps,
+                             "source": t.source}
     else:
         result_throughput = None
     result: dict[str, Any] = {
@@ -362,28 +415,41 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     if args.profiles:
         wanted = set(args.profiles.split(","))
         cases = tuple(case for case in cases if case.profile in wanted)
+    gguf_file = None
+    if args.gguf:
+        print(f"writing the transformer as GGUF {args.gguf} ...", file=sys.stderr)
+        result["gguf"] = write_gguf(folder, args.gguf, work / f"transformer-{args.gguf}.gguf")
+        gguf_file = Path(result["gguf"]["path"])
+    else:
+        cases = tuple(case for case in cases if not case.gguf)
     result["profiles"] = []
     for case in cases:
         print(f"profile {case.label} ...", file=sys.stderr)
-        result["profiles"].append(run_case(folder, case, devices, args.repeats, work, device))
+        result["profiles"].append(run_case(folder, case, devices, args.repeats, work, device, gguf_file))
     result["prompt_cache"] = [measure_prompt_cache(folder, profile, devices, work, device)
                               for profile in (("cpu",) if args.tiny else ("model-offload", "transformer-resident"))]
     result["cards"] = []
     if not args.tiny:
         total = torch.cuda.get_device_properties(device).total_memory
-        for card_gb in CARDS_GB:
-            print(f"emulating a {card_gb} GB card ...", file=sys.stderr)
+        for card_gb, with_gguf in GPU_CARDS:
+            if with_gguf and gguf_file is None:
+                continue
+            print(f"emulating a {card_gb} GB card{' with the GGUF transformer' if with_gguf else ''} ...",
+                  file=sys.stderr)
             torch.cuda.set_per_process_memory_fraction(min(1.0, card_gb * GIB / total), device)
             try:
-                card_devices = hypothetical_devices(card_gb, 1, devices.ram_total_bytes / GIB)
-                auto = run_case(folder, Case("auto"), card_devices, 1, work, device)
+                # The probe's rates, so the planner's predicted seconds are comparable with the measured ones.
+                throughput = devices.gpus[0].throughput if devices.gpus else None
+                card_devices = hypothetical_devices(card_gb, 1, devices.ram_total_bytes / GIB, throughput=throughput)
+                auto = run_case(folder, Case("auto", gguf=with_gguf), card_devices, 1, work, device, gguf_file)
                 fitting = [r["label"] for r in result["profiles"]
-                           if r["ok"] and fits(r["peak_reserved_bytes"], card_gb, 1024**3)]
+                           if r["ok"] and fits(r["peak_reserved_bytes"], card_gb, 1024**3)
+                           and ("[GGUF]" in r["label"]) == with_gguf]
                 if args.emulate_all:
-                    fitting = [c.label for c in cases
-                               if run_case(folder, c, card_devices, 1, work, device)["ok"]]
+                    fitting = [c.label for c in cases if c.gguf == with_gguf
+                               and run_case(folder, c, card_devices, 1, work, device, gguf_file)["ok"]]
                 result["cards"].append({
-                    "card_gb": card_gb, "auto": auto, "fitting": fitting,
+                    "card_gb": card_gb, "gguf": with_gguf, "auto": auto, "fitting": fitting,
                     "planner_error_percent": planner_error_percent(auto.get("predicted_peak_bytes", 0),
                                                                    auto.get("peak_reserved_bytes", 0))})
             finally:
@@ -406,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", default="",
                         help="Only these profiles, comma separated (e.g. full,model-offload), for a shorter run.")
     parser.add_argument("--tiny", action="store_true", help="The demo architecture on the CPU: a smoke test.")
+    parser.add_argument("--gguf", default="Q4_0", choices=("Q4_0", "Q8_0", ""),
+                        help="Also measure the transformer written as this GGUF type (about a minute to write on "
+                             "the full-size model; Q8_0 about twice that); '' skips it.")
     args = parser.parse_args(argv)
     if not args.tiny:
         import torch

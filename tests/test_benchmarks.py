@@ -83,8 +83,11 @@ def test_gpu_benchmark_flow_on_the_tiny_model(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = tmp_path.glob("gpu-*.json")
     result = json.loads(json_path.read_text())
-    (row,) = result["profiles"]
+    row, gguf_row = result["profiles"]
     assert row["ok"] and row["label"] == "cpu" and len(row["latencies_s"]) == 2 and row["median_s"] > 0
+    # The GGUF case: the demo transformer written as Q4_0 with the gguf package, loaded through --transformer-file.
+    assert gguf_row["ok"] and gguf_row["label"] == "cpu [GGUF]" and gguf_row["median_s"] > 0
+    assert result["gguf"]["quant"] == "Q4_0" and result["gguf"]["stored_bytes"] > 0
     assert result["compute_floor"]["caption_tokens"] > 10 and result["compute_floor"]["floor_s"] > 0
     assert "| cpu |" in results_md.read_text() and "x compute floor" in done.stdout
     assert not list(tmp_path.glob("zimage-gpu-bench-*"))  # the saved model does not stay on disk

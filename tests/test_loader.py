@@ -147,6 +147,27 @@ def test_real_group_offload_and_fp8_storage_on_cpu(data_dir: Path) -> None:
     assert not np.isnan(images).any() and images.shape == reference.shape  # ... and still computes
 
 
+def test_real_fp8_storage_under_group_offload_on_cpu(data_dir: Path) -> None:
+    """group-offload + fp8-storage, which the planner picks where streaming fp8 weights is worth it: the casting is
+    applied first (the loader's order), then the group offload hooks move the fp8 weights; both hooks work together
+    and give the same pixels as fp8 storage alone."""
+    from zimage.demo_model import demo_model_path
+    from diffusers import ZImagePipeline
+
+    folder = demo_model_path(data_dir)
+    bf16_cpu = hypothetical_devices(0, cpu_bf16=True)
+    fp8_plan = replace(plan_memory(bf16_cpu, PUBLISHED_SIZES), options=("fp8-storage",))
+    fp8_only = ZImagePipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    apply_plan(fp8_only, fp8_plan)
+    reference = _generate(fp8_only)
+    both = ZImagePipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    apply_plan(both, fp8_plan)
+    enable_group_offload(both, "cpu", use_streams=False)
+    assert both.transformer.layers[0].attention.to_q.weight.dtype == torch.float8_e4m3fn
+    images = _generate(both)
+    assert not np.isnan(images).any() and np.array_equal(images, reference)
+
+
 def test_real_vae_tiling_decodes_large_images_on_cpu(data_dir: Path) -> None:
     from zimage.demo_model import demo_model_path
     from diffusers import ZImagePipeline

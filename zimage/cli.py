@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="With --vram-gb: the card's achieved bf16 matmul rate, TFLOP/s (overrides --gpu-name's).")
     plan.add_argument("--pcie-gbps", type=float, metavar="GBPS",
                       help="With --vram-gb: its achieved host-to-device copy rate, GB/s (overrides --gpu-name's).")
+    plan.add_argument("--memory-gbps", type=float, metavar="GBPS",
+                      help="With --vram-gb: its achieved memory bandwidth, GB/s, read plus written (prices fp8 and "
+                           "GGUF weights, cast at every step; overrides --gpu-name's).")
+    plan.add_argument("--gguf-quant", metavar="TYPE",
+                      help="Plan as if --transformer-file were a GGUF transformer of this type (Q8_0, Q6_K, Q5_K, "
+                           "Q4_K, Q4_0, ...), its size estimated from the type's bits per weight: what a download "
+                           "would buy before making it.")
     plan.add_argument("--gpus", type=int, default=1, help="With --vram-gb: number of such GPUs.")
     plan.add_argument("--ram-gb", type=float, default=64.0, help="With --vram-gb: system RAM.")
     plan.add_argument("--width", type=int, default=DEFAULT_SIDE_PX, help="Image width to plan for, in pixels.")
@@ -241,7 +248,8 @@ def _plan(args: argparse.Namespace) -> int:
 
         for spec in KNOWN_GPUS:
             print(f"{spec.name:<18} {spec.memory_gb:>4g} GB  {spec.dense_bf16_tflops:>7g} TFLOPS dense bf16  "
-                  f"PCIe {spec.pcie_gen}.0 x{spec.pcie_lanes}  ({spec.source}; spec sheet, not measured)")
+                  f"{spec.memory_gbps:>6g} GB/s  PCIe {spec.pcie_gen}.0 x{spec.pcie_lanes}  ({spec.source}; spec "
+                  "sheet, not measured)")
         return 0
     throughput = _plan_throughput(args)
     if args.vram_gb is not None or args.gpu_name is not None:
@@ -267,6 +275,20 @@ def _plan(args: argparse.Namespace) -> int:
                              transformer_file=settings.transformer_file)
     # With a ControlNet its own weights count too (resident under full; for its requests under offload).
     sizes = component_sizes(source, resolve_controlnet_source(settings, source))
+    if args.gguf_quant is not None:
+        from dataclasses import replace
+
+        from .gguf_files import estimated_gguf_stats
+
+        if settings.transformer_file is not None:
+            raise SettingsError("--gguf-quant estimates a GGUF file that is not there; --transformer-file gives one "
+                                "that is: use one of them.")
+        try:
+            transformer = estimated_gguf_stats(sizes.transformer, args.gguf_quant)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        sizes = replace(sizes, transformer=transformer,
+                        source=f"{sizes.source}; transformer as GGUF {args.gguf_quant} (estimated)")
     request = RequestSize(args.width, args.height, args.num_images)
     plan = plan_for(settings, devices, sizes, request)
     if args.json:
@@ -282,43 +304,46 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"reason:    {plan.reason}")
     if plan.throughput is not None and plan.profile != "cpu":
         print(f"rates:     {plan.throughput.bf16_tflops:.1f} TFLOP/s bf16, {plan.throughput.h2d_gbps:.1f} GB/s "
-              f"host-to-device ({plan.throughput.source})")
+              f"host-to-device, {plan.throughput.memory_gbps:.0f} GB/s memory ({plan.throughput.source})")
     for warning in plan.warnings:
         print(f"warning:   {warning}")
     if plan.candidates:
         print()
-        print(_ranked_table(plan))
+        print(ranked_table(plan))
     return 0
 
 
 def _plan_throughput(args: argparse.Namespace):
-    """The rates for a hypothetical card: --tflops/--pcie-gbps, else the --gpu-name's spec sheet, else None (the
-    planner's assumed default). Raises SettingsError for a bad value or an unknown card."""
+    """The rates for a hypothetical card: --tflops/--pcie-gbps/--memory-gbps over the --gpu-name's spec sheet (else
+    over the planner's assumed default for those not given), or the spec sheet alone, or None (the planner's assumed
+    default). Raises SettingsError for a bad value or an unknown card."""
+    from .planner import DEFAULT_THROUGHPUT
     from .timing import Throughput, find_gpu
 
-    for name in ("tflops", "pcie_gbps"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
+    flags = ("tflops", "pcie_gbps", "memory_gbps")
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    for name, value in given.items():
+        if not value > 0:
             raise SettingsError(f"--{name.replace('_', '-')}={value:g} must be more than 0.")
-    if (args.tflops is not None or args.pcie_gbps is not None) and args.vram_gb is None and args.gpu_name is None:
-        raise SettingsError("--tflops and --pcie-gbps describe a hypothetical card: add --vram-gb N (or --gpu-name).")
+    if given and args.vram_gb is None and args.gpu_name is None:
+        raise SettingsError("--tflops, --pcie-gbps and --memory-gbps describe a hypothetical card: add --vram-gb N "
+                            "(or --gpu-name).")
     spec = None
     if args.gpu_name is not None:
         try:
             spec = find_gpu(args.gpu_name).throughput()
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
-    if args.tflops is None and args.pcie_gbps is None:
+    if not given:
         return spec
-    base = spec or Throughput(0, 0, "")
-    tflops = args.tflops if args.tflops is not None else base.bf16_tflops
-    gbps = args.pcie_gbps if args.pcie_gbps is not None else base.h2d_gbps
-    if not tflops or not gbps:
-        raise SettingsError("give both --tflops and --pcie-gbps (or --gpu-name for the missing one).")
-    return Throughput(tflops, gbps, "given on the command line" + (f" over {spec.source}" if spec else ""))
+    base = spec or DEFAULT_THROUGHPUT
+    over = f" over {base.source}" if len(given) < len(flags) else ""
+    return Throughput(bf16_tflops=given.get("tflops", base.bf16_tflops), h2d_gbps=given.get("pcie_gbps", base.h2d_gbps),
+                      memory_gbps=given.get("memory_gbps", base.memory_gbps),
+                      source="given on the command line" + over)
 
 
-def _ranked_table(plan) -> str:
+def ranked_table(plan) -> str:
     """The candidates the planner weighed, fastest first: placement, predicted peak, s/image, GB moved per image."""
     rows = [("placement", "peak", "s/image", "GB moved/image", "")]
     chosen = (plan.profile, plan.options)

@@ -109,3 +109,24 @@ def load_gguf_transformer(path: Path, config: str, dtype: Any) -> Any:
     return ZImageTransformer2DModel.from_single_file(
         str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), config=config,
         subfolder="transformer", dtype=dtype)
+
+
+#: Quantization types diffusers 0.42.1 dequantizes (``SUPPORTED_GGUF_QUANT_TYPES`` in
+#: ``diffusers/quantizers/gguf/utils.py``): what ``plan --gguf-quant`` accepts.
+DIFFUSERS_GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "Q3_K",
+                        "Q2_K", "BF16")
+
+
+def estimated_gguf_stats(stats: ComponentStats, quant: str) -> ComponentStats:
+    """``stats`` as if every weight were stored as GGUF type ``quant`` (``plan --gguf-quant``, before downloading a
+    file): ``stored_bytes`` = parameters x the type's bytes per weight (gguf's ``GGML_QUANT_SIZES``: block bytes over
+    block size, e.g. Q8_0 34/32, Q4_0 18/32). A slight underestimate: published files keep norms and biases in F32.
+    Raises ValueError naming the accepted types for any other ``quant``."""
+    if quant not in DIFFUSERS_GGUF_TYPES:
+        raise ValueError(f"--gguf-quant {quant!r} is not a GGUF type diffusers can load: use one of "
+                         f"{', '.join(DIFFUSERS_GGUF_TYPES)}.")
+    import gguf
+    from dataclasses import replace
+
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant]]
+    return replace(stats, stored_bytes=stats.params * type_size // block_size)

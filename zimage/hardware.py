@@ -29,44 +29,50 @@ def read_cpu_flags(path: Path = CPUINFO_PATH) -> frozenset[str]:
     return frozenset()
 
 
-#: The probe's sizes: a 4096^3 bf16 matmul is 0.14 TFLOP (about 1 ms on an H100, 10 ms on an RTX 3060), and a
-#: 256 MiB pinned copy takes 5-20 ms on PCIe 4.0-5.0 links: the whole probe stays well under a second.
+#: The probe's sizes: a 4096^3 bf16 matmul is 0.14 TFLOP (about 1 ms on an H100, 10 ms on an RTX 3060), a 256 MiB
+#: pinned copy takes 5-20 ms on PCIe 4.0-5.0 links, and a 256 MiB copy within the GPU 0.2-2 ms: the whole probe stays
+#: well under a second.
 PROBE_MATMUL_SIDE = 4096
 PROBE_MATMUL_ITERATIONS = 10
 PROBE_COPY_BYTES = 256 * 1024 * 1024
 PROBE_COPY_ITERATIONS = 3
+PROBE_DEVICE_COPY_ITERATIONS = 10
 
 
 def probe_throughput(index: int) -> Throughput:
-    """Measure GPU ``index``'s bf16 matmul rate (TFLOP/s) and pinned host-to-device copy rate (GB/s, 1e9 bytes)
-    for the planner's time model. CUDA only (callers skip it without a GPU); a warm-up call of each comes first.
-    Under a second on any card this project targets (see :data:`PROBE_MATMUL_SIDE`)."""
+    """Measure GPU ``index``'s bf16 matmul rate (TFLOP/s), pinned host-to-device copy rate and memory bandwidth
+    (GB/s, 1e9 bytes; a copy within the GPU counts its bytes read and written) for the planner's time model. CUDA
+    only (callers skip it without a GPU); a warm-up call of each comes first. Under a second on any card this project
+    targets (see :data:`PROBE_MATMUL_SIDE`)."""
     import torch
 
     device = torch.device("cuda", index)
+
+    def timed(work, iterations: int) -> float:
+        work()  # warm-up: cuBLAS picks its kernel, the copy engines wake up
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(iterations):
+            work()
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - started) / iterations
+
     side = PROBE_MATMUL_SIDE
     a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
     b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
-    a @ b  # warm-up: cuBLAS picks its kernel
-    torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(PROBE_MATMUL_ITERATIONS):
-        a @ b
-    torch.cuda.synchronize(device)
-    tflops = 2 * side**3 * PROBE_MATMUL_ITERATIONS / (time.perf_counter() - started) / 1e12
-    del a, b
+    tflops = 2 * side**3 / timed(lambda: a @ b, PROBE_MATMUL_ITERATIONS) / 1e12
+    a = b = None  # free them before the copies
     host = torch.empty(PROBE_COPY_BYTES, dtype=torch.uint8, pin_memory=True)
     target = torch.empty(PROBE_COPY_BYTES, dtype=torch.uint8, device=device)
-    target.copy_(host, non_blocking=True)  # warm-up
-    torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(PROBE_COPY_ITERATIONS):
-        target.copy_(host, non_blocking=True)
-    torch.cuda.synchronize(device)
-    gbps = PROBE_COPY_BYTES * PROBE_COPY_ITERATIONS / (time.perf_counter() - started) / 1e9
-    del host, target
+    h2d_gbps = PROBE_COPY_BYTES / timed(lambda: target.copy_(host, non_blocking=True), PROBE_COPY_ITERATIONS) / 1e9
+    host = None
+    other = torch.empty_like(target)
+    memory_gbps = 2 * PROBE_COPY_BYTES / timed(lambda: other.copy_(target), PROBE_DEVICE_COPY_ITERATIONS) / 1e9
+    target = other = None
     torch.cuda.empty_cache()
-    return Throughput(tflops, gbps, f"measured at start: {side}^3 bf16 matmul, {PROBE_COPY_BYTES >> 20} MiB pinned copy")
+    return Throughput(bf16_tflops=tflops, h2d_gbps=h2d_gbps, memory_gbps=memory_gbps,
+                      source=f"measured at start: {side}^3 bf16 matmul, {PROBE_COPY_BYTES >> 20} MiB pinned copy "
+                             "and copy within the GPU")
 
 
 def probe_devices(measure_throughput: bool = False) -> DeviceFacts:

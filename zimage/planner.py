@@ -37,11 +37,14 @@ transformer under ``full``/``balanced``, on the GPU only for its own requests un
 encode of it as a stage of its own.
 
 Each candidate gets a predicted peak (:func:`predict_peak_bytes`) and predicted seconds per image
-(:func:`predict_seconds`: FLOPs over the GPU's bf16 rate plus the bytes it moves host-to-device per image
-over the link's bandwidth; :mod:`zimage.timing`). The auto planner takes the fastest lossless candidate whose
-peak fits the GPU's free memory minus the reserve. Lossy candidates (``fp8-storage``, ``te-fp8-storage``)
-are only considered when the best lossless one would stream the transformer block by block (group or
-sequential offload), and then the fewest lossy options win before speed; ``auto_fp8=False`` forbids them.
+(:func:`predict_seconds`: FLOPs over the GPU's bf16 rate, plus the bytes it moves host-to-device per image over the
+link's bandwidth, plus the bytes cast on the GPU for weights stored in fp8 or GGUF over its memory bandwidth;
+:mod:`zimage.timing`). The auto planner takes the fastest candidate whose peak fits the GPU's free memory minus the
+reserve. Candidates predicted within :data:`TIME_TIE_SHARE` of the fastest count as equally fast (the time model is
+not more precise than that), and among those the fewest lossy options (``fp8-storage``, ``te-fp8-storage``) win,
+then the fastest: lossy storage is chosen only where it buys more speed than that, or where nothing lossless fits.
+``auto_fp8=False`` forbids lossy options. So more memory never gives a placement predicted slower by more than
+:data:`TIME_TIE_SHARE`.
 
 The activation constants below are estimates from the model's shapes, not yet measurements: the
 GPU benchmark (``benchmarks/gpu_profiles.py``) measures the real peaks to replace them.
@@ -66,19 +69,27 @@ MIB = 1024**2
 
 PROFILES_FASTEST_FIRST = ("full", "balanced", "transformer-resident", "model-offload", "group-offload",
                           "sequential-offload")
-#: Placements that stream the transformer's blocks from RAM at every step: lossy options may be used to avoid them.
+#: Placements that stream the transformer's blocks from RAM at every step.
 STREAMING_PROFILES = ("group-offload", "sequential-offload")
+#: Predicted seconds within this share of the fastest fitting candidate count as a tie, broken by the fewest lossy
+#: options: the time model's own error is about this size (its target is 10%), so a lossy option must buy more.
+TIME_TIE_SHARE = 0.05
 #: Options that change pixels.
 LOSSY_OPTIONS = ("fp8-storage", "te-fp8-storage")
 #: Steps the time model assumes when a request does not say (Turbo's default).
 PLANNED_STEPS = 8
 #: The rates used when neither a probe nor a card name gave any (assumed: a mid-range PCIe 4.0 card). The choice
 #: between single-GPU placements barely depends on them: their compute is the same and they differ in bytes moved.
-DEFAULT_THROUGHPUT = Throughput(bf16_tflops=70.0, h2d_gbps=25.0,
-                                source="assumed (no probe, no --gpu-name): 70 TFLOP/s bf16, 25 GB/s host-to-device")
+DEFAULT_THROUGHPUT = Throughput(bf16_tflops=70.0, h2d_gbps=25.0, memory_gbps=400.0,
+                                source="assumed (no probe, no --gpu-name): 70 TFLOP/s bf16, 25 GB/s host-to-device, "
+                                       "400 GB/s memory")
 #: Sequential offload copies one layer at a time from pageable memory, synchronously: assumed to reach half the
 #: bandwidth of the block-sized pinned copies of group offload (not measured).
 SEQUENTIAL_BANDWIDTH_SHARE = 0.5
+#: Device bytes per weight that diffusers' layerwise casting moves at every forward of an fp8-stored layer: up to the
+#: compute dtype before it (read 1 byte, write 2) and back to fp8 after it (read 2, write 1); diffusers 0.42.1
+#: ``LayerwiseCastingHook.pre_forward``/``post_forward``. For bf16/fp16 compute.
+LAYERWISE_CAST_BYTES_PER_WEIGHT = 6
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -588,16 +599,45 @@ def compute_flops_per_request(sizes: ComponentSizes, request: RequestSize) -> fl
     return transformer * batch + text_encoder
 
 
+def cast_bytes_per_request(options: tuple[str, ...], sizes: ComponentSizes, request: RequestSize, dtype: str) -> int:
+    """Device memory bytes (read plus written) spent per request turning stored weights into the compute dtype.
+
+    ``fp8-storage``: :data:`LAYERWISE_CAST_BYTES_PER_WEIGHT` per transformer weight (and per ControlNet weight for
+    its requests) at every step; ``te-fp8-storage``: the same per text-encoder block weight per prompt encoded; a GGUF
+    transformer: its quantized bytes read and the compute-dtype weights written at every step (a lower bound:
+    diffusers' dequantization may take several passes). One forward per step (guidance batches both prompts). 0
+    without such weights. Under every placement alike: the cast happens where the layer computes.
+    """
+    dtype_bytes = DTYPE_BYTES[dtype]
+    if dtype_bytes == 4:
+        return 0  # fp8 options are refused with fp32; a GGUF transformer computes in bf16 regardless
+    per_weight = LAYERWISE_CAST_BYTES_PER_WEIGHT
+    per_step = 0
+    if sizes.transformer.stored_bytes is not None:
+        per_step += sizes.transformer.stored_bytes + sizes.transformer.params * dtype_bytes
+    elif "fp8-storage" in options:
+        per_step += sizes.transformer.params * per_weight
+    if "fp8-storage" in options and request.controlnet and sizes.controlnet is not None:
+        per_step += sizes.controlnet.params * per_weight
+    total = per_step * request.steps
+    if "te-fp8-storage" in options:
+        prompts = 2 if request.guidance else 1
+        total += (sizes.text_encoder.params - sizes.text_encoder.non_block_params) * per_weight * prompts
+    return total
+
+
 def predict_seconds(profile: str, options: tuple[str, ...], sizes: ComponentSizes, request: RequestSize, dtype: str,
                     throughput: Throughput) -> float:
-    """Predicted seconds per image of ``request`` under ``profile``: its FLOPs over ``throughput.bf16_tflops`` plus
+    """Predicted seconds per image of ``request`` under ``profile``: its FLOPs over ``throughput.bf16_tflops``, plus
     :func:`bytes_moved_per_request` over ``throughput.h2d_gbps`` (half that for sequential offload:
-    :data:`SEQUENTIAL_BANDWIDTH_SHARE`), no overlap assumed, divided by the images of the request. An estimate
-    for ranking placements, not a measurement (see :mod:`zimage.timing`)."""
+    :data:`SEQUENTIAL_BANDWIDTH_SHARE`), plus :func:`cast_bytes_per_request` over ``throughput.memory_gbps``, no
+    overlap assumed, divided by the images of the request. An estimate for ranking placements, not a measurement
+    (see :mod:`zimage.timing`)."""
     compute_s = compute_flops_per_request(sizes, request) / (throughput.bf16_tflops * 1e12)
     bandwidth = throughput.h2d_gbps * 1e9 * (SEQUENTIAL_BANDWIDTH_SHARE if profile == "sequential-offload" else 1)
     copy_s = bytes_moved_per_request(profile, options, sizes, request, dtype) / bandwidth
-    return (compute_s + copy_s) / request.num_images
+    cast_s = cast_bytes_per_request(options, sizes, request, dtype) / (throughput.memory_gbps * 1e9)
+    return (compute_s + copy_s + cast_s) / request.num_images
 
 
 def _text_encoder_live_bytes(sizes: ComponentSizes, dtype_bytes: int, te_fp8: bool, use_streams: bool) -> int:
@@ -648,8 +688,8 @@ class _Candidate:
 def _candidates(devices: DeviceFacts, device: str, auto_fp8: bool,
                 forced: tuple[str, ...]) -> list[_Candidate]:
     """Placements to weigh, in the order that breaks ties (the fewer options, the earlier); each without then with
-    VAE tiling, and with the lossy options only when ``auto_fp8`` allows them and only on placements that keep the
-    transformer on the GPU (on the streaming ones they would only make a slow placement lossy too)."""
+    VAE tiling, and with the lossy options when ``auto_fp8`` allows them, on every placement but sequential offload
+    (diffusers' layerwise casting under accelerate's per-layer hooks is not something this project has checked)."""
     base: list[tuple[str, bool]] = [("full", False)]
     if device == "cuda:0" and len(devices.gpus) > 1:
         base.append(("balanced", False))
@@ -661,7 +701,7 @@ def _candidates(devices: DeviceFacts, device: str, auto_fp8: bool,
     result = []
     for extra in lossy_sets:
         for profile, streams in base:
-            if extra and profile in STREAMING_PROFILES + ("balanced",):
+            if extra and profile == "sequential-offload":
                 continue
             for tiling in ((), ("vae-tiling",)):
                 options = _normalise_options(forced + extra + tiling)
@@ -724,20 +764,23 @@ def device_throughput(devices: DeviceFacts, device: str) -> Throughput:
     return _gpu(devices, device).throughput or DEFAULT_THROUGHPUT
 
 
-def _choose(weighed: list[_Weighed], auto_fp8: bool) -> tuple[_Weighed | None, str]:
-    """The fastest fitting lossless placement; lossy ones only instead of a streaming placement (or nothing), the
-    fewest lossy options first. Returns (choice or None, why lossy)."""
-    speed = lambda w: (w.seconds, len(w.candidate.options), w.order)  # noqa: E731
+def _choose(weighed: list[_Weighed]) -> tuple[_Weighed | None, str]:
+    """The fastest fitting candidate, where predictions within :data:`TIME_TIE_SHARE` of the fastest tie and the
+    fewest lossy options break the tie (then speed). Returns (choice or None, why it is lossy: "" when it is not)."""
     fitting = [w for w in weighed if w.fits]
-    lossless = sorted((w for w in fitting if w.lossy == 0), key=speed)
-    best = lossless[0] if lossless else None
-    if auto_fp8 and (best is None or best.candidate.profile in STREAMING_PROFILES):
-        lossy = sorted((w for w in fitting if w.lossy and w.candidate.profile not in STREAMING_PROFILES),
-                       key=lambda w: (w.lossy,) + speed(w))
-        if lossy:
-            avoided = best.candidate.profile if best is not None else "nothing fitting"
-            return lossy[0], f"lossy storage avoids {avoided}"
-    return best, ""
+    if not fitting:
+        return None, ""
+    fastest = min(w.seconds for w in fitting)
+    near = [w for w in fitting if w.seconds <= fastest * (1 + TIME_TIE_SHARE)]
+    chosen = min(near, key=lambda w: (w.lossy, w.seconds, len(w.candidate.options), w.order))
+    if not chosen.lossy:
+        return chosen, ""
+    lossless = [w for w in fitting if not w.lossy]
+    if not lossless:
+        return chosen, "nothing lossless fits"
+    best = min(lossless, key=lambda w: (w.seconds, len(w.candidate.options), w.order))
+    gain = 1 - chosen.seconds / best.seconds
+    return chosen, f"{gain:.0%} faster than the fastest lossless one, {_describe(best.candidate)}"
 
 
 def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSize = RequestSize(), *,
@@ -798,7 +841,7 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
             c, peak, budget, indices, predict_seconds(c.profile, c.options, sizes, request, dtype, throughput),
             bytes_moved_per_request(c.profile, c.options, sizes, request, dtype) // request.num_images, order,
             len([o for o in c.options if o in LOSSY_OPTIONS and o not in forced])))
-    chosen, lossy_why = _choose(weighed, auto_fp8)
+    chosen, lossy_why = _choose(weighed)
     fits = chosen is not None
     if chosen is None:
         # Nothing fits: the leanest placement; it may still OOM, and the ladder takes over.

@@ -100,8 +100,10 @@ class Settings:
              "memory), fp8-storage (transformer weights stored in fp8, computed in bf16: about half "
              "the transformer memory, slight quality change), te-fp8-storage (the same for the text encoder, "
              "its embeddings and norms kept in bf16).")
-    auto_fp8: bool = _setting(True, help="Let the auto planner choose fp8 weight storage when it avoids a much "
-                                         "slower placement. --no-auto-fp8 keeps weights lossless.")
+    auto_fp8: bool = _setting(True, help="Let the auto planner choose fp8 weight storage (fp8-storage, "
+                                         "te-fp8-storage) where it is predicted more than 5% faster than every "
+                                         "lossless placement that fits, or nothing lossless fits. --no-auto-fp8 "
+                                         "keeps weights lossless.")
     recovery_fp8: bool = _setting(False, help="Let out-of-memory recovery step a request down to fp8 weight storage. "
                                               "Off by default: fp8 changes pixels, so the same seed would no longer "
                                               "give the same image.")
@@ -261,7 +263,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: Iterable[str]
         if wanted is not None and f.name not in wanted:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [env {env_name(f.name)}]"
+        # argparse formats help with %: a literal percent sign in a help text must be doubled.
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}]".replace("%", "%%")
         if _field_type(f) == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)

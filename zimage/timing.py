@@ -4,8 +4,12 @@ The planner (:mod:`zimage.planner`) predicts each placement's seconds per image 
 
     (transformer FLOPs + text encoder FLOPs) / the card's bf16 matmul rate
     + bytes moved host-to-device per image / the host-to-device bandwidth
+    + bytes cast on the GPU per image / the GPU's memory bandwidth
 
-with no overlap of copies and compute assumed (an upper estimate for the prefetching placements). The rates come
+with no overlap of copies and compute assumed (an upper estimate for the prefetching placements). The last term is
+the price of weights stored in another dtype than the one they compute in: fp8 storage (diffusers' layerwise
+casting casts each layer up before its forward and back down after it) and GGUF (dequantized at every forward).
+The rates come
 from a short probe at start on a real GPU (:func:`zimage.hardware.probe_throughput`: measured), or for
 ``python -m zimage plan --vram-gb`` from ``--tflops``/``--pcie-gbps`` or :data:`KNOWN_GPUS` (spec sheets, scaled by
 the assumed efficiencies below). None of the resulting seconds has been checked on a GPU yet:
@@ -32,6 +36,9 @@ SPEC_MATMUL_EFFICIENCY = 0.7
 #: Share of a PCIe link's theoretical rate that pinned host-to-device copies reach (assumed: about 80% is the usual
 #: figure for x16 links). A probed bandwidth is used as measured.
 SPEC_PCIE_EFFICIENCY = 0.8
+#: Share of a card's memory bandwidth that large elementwise casts reach (assumed: streaming kernels typically reach
+#: 80-90% of the spec). A probed bandwidth is used as measured.
+SPEC_MEMORY_EFFICIENCY = 0.8
 #: Theoretical host-to-device rate of a PCIe x16 link per generation, GB/s (1e9 bytes; PCI-SIG: 8, 16, 32 GT/s per
 #: lane with 128b/130b encoding).
 PCIE_X16_GBPS = {3: 15.75, 4: 31.5, 5: 63.0}
@@ -79,34 +86,41 @@ def dense_flops(params: int, tokens: int) -> float:
 
 @dataclass(frozen=True)
 class Throughput:
-    """What the time model needs of a GPU: its bf16 matmul rate (TFLOP/s, 1e12) and its host-to-device copy rate
-    (GB/s, 1e9 bytes), both as achieved (a probe's measurement, or a spec sheet scaled by the assumed efficiencies),
-    and where they came from."""
+    """What the time model needs of a GPU: its bf16 matmul rate (TFLOP/s, 1e12), its host-to-device copy rate and
+    its memory bandwidth (GB/s, 1e9 bytes; bytes read plus bytes written), all as achieved (a probe's measurement,
+    or a spec sheet scaled by the assumed efficiencies), and where they came from."""
 
     bf16_tflops: float
     h2d_gbps: float
+    memory_gbps: float
     source: str
 
 
 @dataclass(frozen=True)
 class GpuSpec:
     """A card's spec-sheet figures: memory (GB as sold, 1e9 bytes), dense bf16 tensor rate (TFLOP/s, without
-    sparsity; for GeForce cards the FP16/BF16 rate with FP32 accumulate), and its PCIe link (generation, lanes)."""
+    sparsity; for GeForce cards the FP16/BF16 rate with FP32 accumulate), its memory bandwidth (GB/s) and its PCIe
+    link (generation, lanes)."""
 
     name: str
     memory_gb: float
     dense_bf16_tflops: float
+    memory_gbps: float
     pcie_gen: int
     pcie_lanes: int = 16
     source: str = ""
 
     def throughput(self) -> Throughput:
-        """Spec-sheet rates scaled by :data:`SPEC_MATMUL_EFFICIENCY` and :data:`SPEC_PCIE_EFFICIENCY`."""
+        """Spec-sheet rates scaled by :data:`SPEC_MATMUL_EFFICIENCY`, :data:`SPEC_PCIE_EFFICIENCY` and
+        :data:`SPEC_MEMORY_EFFICIENCY`."""
         link = PCIE_X16_GBPS[self.pcie_gen] * self.pcie_lanes / 16
-        return Throughput(self.dense_bf16_tflops * SPEC_MATMUL_EFFICIENCY, link * SPEC_PCIE_EFFICIENCY,
-                          f"spec sheet of the {self.name} (not measured): {self.dense_bf16_tflops:g} TFLOPS dense bf16 "
-                          f"x {SPEC_MATMUL_EFFICIENCY:g}, PCIe {self.pcie_gen}.0 x{self.pcie_lanes} x "
-                          f"{SPEC_PCIE_EFFICIENCY:g}")
+        return Throughput(bf16_tflops=self.dense_bf16_tflops * SPEC_MATMUL_EFFICIENCY,
+                          h2d_gbps=link * SPEC_PCIE_EFFICIENCY,
+                          memory_gbps=self.memory_gbps * SPEC_MEMORY_EFFICIENCY,
+                          source=f"spec sheet of the {self.name} (not measured): {self.dense_bf16_tflops:g} TFLOPS "
+                                 f"dense bf16 x {SPEC_MATMUL_EFFICIENCY:g}, PCIe {self.pcie_gen}.0 x{self.pcie_lanes} "
+                                 f"x {SPEC_PCIE_EFFICIENCY:g}, {self.memory_gbps:g} GB/s memory x "
+                                 f"{SPEC_MEMORY_EFFICIENCY:g}")
 
 
 _ADA = "NVIDIA Ada Lovelace architecture whitepaper (GeForce RTX 40 series), FP16/BF16 tensor, FP32 accumulate, dense"
@@ -116,20 +130,28 @@ _AMPERE_GEFORCE = "NVIDIA Ampere GA10x whitepaper / GA106 figures, FP16/BF16 ten
 #: sparsity that doubles the headline numbers). They are not measured here: the planner scales them by the assumed
 #: efficiencies above, and a real GPU is probed instead at start.
 KNOWN_GPUS: tuple[GpuSpec, ...] = (
-    GpuSpec("RTX 3060 12GB", 12, 25.6, 4, source=_AMPERE_GEFORCE + " (112 tensor cores at 1.78 GHz)"),
-    GpuSpec("RTX 4060 Ti 16GB", 16, 44.1, 4, 8, source=_ADA + " (136 tensor cores at 2.54 GHz); PCIe 4.0 x8"),
-    GpuSpec("RTX 4070 12GB", 12, 58.3, 4, source=_ADA + " (184 tensor cores at 2.48 GHz)"),
-    GpuSpec("RTX 4080 16GB", 16, 97.5, 4, source=_ADA),
-    GpuSpec("RTX 4090 24GB", 24, 165.2, 4, source=_ADA),
-    GpuSpec("RTX 5090 32GB", 32, 209.5, 5, source="NVIDIA Blackwell (RTX 50 series) whitepaper, FP16/BF16 tensor, "
-                                                   "FP32 accumulate, dense"),
-    GpuSpec("A10 24GB", 24, 125.0, 4, source="NVIDIA A10 datasheet: BF16 tensor 125 TFLOPS (250 with sparsity)"),
-    GpuSpec("L4 24GB", 24, 121.0, 4, source="NVIDIA L4 datasheet: BF16 tensor 242 TFLOPS with sparsity, half dense"),
-    GpuSpec("L40S 48GB", 48, 362.05, 4, source="NVIDIA L40S datasheet: BF16 tensor 362.05 TFLOPS (733 with sparsity)"),
-    GpuSpec("A100 80GB", 80, 312.0, 4, source="NVIDIA A100 datasheet: BF16 tensor 312 TFLOPS (624 with sparsity); "
-                                              "host link PCIe 4.0 x16 (SXM and PCIe cards)"),
-    GpuSpec("H100 80GB", 80, 989.4, 5, source="NVIDIA H100 SXM datasheet: BF16 tensor 1,979 TFLOPS with sparsity, "
-                                              "989.4 dense (the PCIe card: 756 dense); host link PCIe 5.0 x16"),
+    GpuSpec("RTX 3060 12GB", 12, 25.6, 360, 4, source=_AMPERE_GEFORCE + " (112 tensor cores at 1.78 GHz); 360 GB/s"),
+    GpuSpec("RTX 4060 8GB", 8, 30.2, 272, 4, 8,
+            source=_ADA + " (96 tensor cores at 2.46 GHz); 272 GB/s; PCIe 4.0 x8"),
+    GpuSpec("RTX 4060 Ti 16GB", 16, 44.1, 288, 4, 8,
+            source=_ADA + " (136 tensor cores at 2.54 GHz); 288 GB/s; PCIe 4.0 x8"),
+    GpuSpec("RTX 4070 12GB", 12, 58.3, 504.2, 4, source=_ADA + " (184 tensor cores at 2.48 GHz); 504 GB/s"),
+    GpuSpec("RTX 4080 16GB", 16, 97.5, 716.8, 4, source=_ADA + "; 716.8 GB/s"),
+    GpuSpec("RTX 4090 24GB", 24, 165.2, 1008, 4, source=_ADA + "; 1,008 GB/s"),
+    GpuSpec("RTX 5090 32GB", 32, 209.5, 1792, 5, source="NVIDIA Blackwell (RTX 50 series) whitepaper, FP16/BF16 tensor, "
+                                                        "FP32 accumulate, dense; 1,792 GB/s"),
+    GpuSpec("A10 24GB", 24, 125.0, 600, 4, source="NVIDIA A10 datasheet: BF16 tensor 125 TFLOPS (250 with sparsity), "
+                                                  "600 GB/s"),
+    GpuSpec("L4 24GB", 24, 121.0, 300, 4, source="NVIDIA L4 datasheet: BF16 tensor 242 TFLOPS with sparsity, half "
+                                                 "dense; 300 GB/s"),
+    GpuSpec("L40S 48GB", 48, 362.05, 864, 4, source="NVIDIA L40S datasheet: BF16 tensor 362.05 TFLOPS (733 with "
+                                                    "sparsity), 864 GB/s"),
+    GpuSpec("A100 80GB", 80, 312.0, 2039, 4, source="NVIDIA A100 datasheet: BF16 tensor 312 TFLOPS (624 with "
+                                                    "sparsity), 2,039 GB/s (SXM; PCIe card 1,935); host link PCIe 4.0 "
+                                                    "x16 (SXM and PCIe cards)"),
+    GpuSpec("H100 80GB", 80, 989.4, 3350, 5, source="NVIDIA H100 SXM datasheet: BF16 tensor 1,979 TFLOPS with "
+                                                    "sparsity, 989.4 dense, 3.35 TB/s (the PCIe card: 756 dense, "
+                                                    "2 TB/s); host link PCIe 5.0 x16"),
 )
 
 
@@ -149,5 +171,5 @@ def find_gpu(name: str) -> GpuSpec:
         return matches[0]
     known = ", ".join(gpu.name for gpu in KNOWN_GPUS)
     what = "matches several cards" if matches else "is not in the table"
-    raise ValueError(f"gpu name {name!r} {what}: use one of {known}, or give --vram-gb with --tflops and "
-                     "--pcie-gbps.")
+    raise ValueError(f"gpu name {name!r} {what}: use one of {known}, or give --vram-gb with --tflops, "
+                     "--pcie-gbps and --memory-gbps.")
