@@ -329,6 +329,10 @@ def test_plan_json_shape() -> None:
     data = plan_memory(hypothetical_devices(16), PUBLISHED_SIZES).to_json()
     assert {"profile", "options", "predicted_peak_bytes", "reason"} <= set(data)
     assert isinstance(data["options"], list) and isinstance(data["predicted_peak_bytes"], int)
+    assert data["predicted_seconds"] > 0 and data["bytes_moved_per_image"] > 0  # transformer-resident streams
+    assert set(data["throughput"]) == {"bf16_tflops", "h2d_gbps", "memory_gbps", "source"}
+    assert data["candidates"] and all({"predicted_seconds", "bytes_moved_per_image", "fits", "lossy"} <= set(c)
+                                      for c in data["candidates"])
 
 
 # Flags as /proc/cpuinfo lists them (abridged).

@@ -283,7 +283,7 @@ class MemoryPlan:
             "bytes_moved_per_image": self.bytes_moved_per_image,
             "throughput": (None if self.throughput is None else
                            {"bf16_tflops": self.throughput.bf16_tflops, "h2d_gbps": self.throughput.h2d_gbps,
-                            "source": self.throughput.source}),
+                            "memory_gbps": self.throughput.memory_gbps, "source": self.throughput.source}),
             "candidates": [c.to_json() for c in self.candidates],
         }
 
