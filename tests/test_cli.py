@@ -73,6 +73,47 @@ def test_plan_ranked_table_for_a_named_card(data_dir: Path) -> None:
     assert unknown.returncode == 2 and "is not in the table" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--vram-gb", "inf"], "--vram-gb=inf must be a finite number"),
+    (["--vram-gb", "nan"], "--vram-gb=nan must be a finite number"),
+    (["--vram-gb", "1e308"], "--vram-gb=1e+308 is out of range: use 0 (no GPU) to 1024 GB"),
+    (["--vram-gb", "-1"], "--vram-gb=-1 is out of range"),
+    (["--vram-gb", "8", "--gpus", "0"], "--gpus=0 is out of range: use 1 to 64"),
+    (["--vram-gb", "8", "--ram-gb", "0"], "--ram-gb=0 is out of range"),
+    (["--gpu-name", "4090", "--ram-gb", "inf"], "--ram-gb=inf must be a finite number"),
+    (["--vram-gb", "24", "--tflops", "inf"], "--tflops=inf must be a finite number"),
+    (["--vram-gb", "24", "--memory-gbps", "0"], "--memory-gbps=0 must be more than 0"),
+    (["--gpu-name", "4090", "--num-images", "0"], "num_images=0 is out of range: use a whole number from 1 to 4"),
+    (["--gpu-name", "4090", "--num-images", "5"], "num_images=5 is out of range"),
+    (["--gpu-name", "4090", "--width", "1023"], "width=1023 is not a multiple of 16: use 1008 or 1024"),
+    (["--gpu-name", "4090", "--width", "-16"], "width=-16 is out of range"),
+    (["--gpu-name", "L40"], "'L40' is not in the table"),
+    (["--gpu-name", "4090", "--gguf-quant", "Q9"], "--gguf-quant 'Q9' is not a GGUF type diffusers can load"),
+])
+def test_plan_refuses_a_machine_or_request_it_cannot_plan(argv: list[str], message: str,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """In-process (no torch import per case): one line naming the value, exit 2, never a traceback or a plan of a
+    negative card (found by a user: inf and nan crashed, -1 GB planned for a CPU, 0 images divided by zero)."""
+    from zimage.cli import main
+
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_plan_lists_cards_as_json_and_estimates_a_gguf_download(capsys: pytest.CaptureFixture) -> None:
+    from zimage.cli import main
+
+    assert main(["plan", "--gpu-name", "list", "--json"]) == 0
+    cards = json.loads(capsys.readouterr().out)
+    assert {"name", "memory_gb", "dense_bf16_tflops", "memory_gbps", "pcie_gen", "pcie_lanes"} <= set(cards[0])
+    assert main(["plan", "--gpu-name", "RTX 4060 8GB", "--gguf-quant", "Q4_0", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["profile"], plan["options"]) == ("transformer-resident", [])  # the 8 GB target
+    assert main(["plan", "--gpu-name", "RTX 4060 8GB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["profile"] == "group-offload"  # without the GGUF file
+
+
 def test_plan_for_this_machine_in_text(data_dir: Path) -> None:
     done = run(["plan"], data_dir)
     assert done.returncode == 0, done.stderr
@@ -87,6 +128,17 @@ def test_make_demo(tmp_path: Path, data_dir: Path) -> None:
     assert refused.returncode == 2 and "not empty" in refused.stderr
 
 
+def test_make_demo_refuses_unusable_folders_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from zimage.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    for folder, message in [(tmp_path / "afile", "exists and is a file"),
+                            (tmp_path / "afile" / "sub", "cannot be created (Not a directory)")]:
+        assert main(["make-demo", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -95,6 +147,9 @@ def test_make_demo(tmp_path: Path, data_dir: Path) -> None:
         (["generate", "a cat", "--demo", "--width", "1000"], 2, "width=1000 is not a multiple of 16"),
         (["generate", "a cat", "--demo", "--memory-profile", "model-offload"], 2, "needs a CUDA GPU"),
         (["generate", "a cat"], 1, "run with --demo"),
+        # Checked before the model loads, like app.py's start-up checks (found by a user: exit 1 after loading).
+        (["generate", "a cat", "--demo", "--attention-backend", "flash"], 2, "needs a CUDA GPU"),
+        (["generate", "a cat", "--demo", "--transformer-file", "/no/such.gguf"], 2, "does not exist"),
     ],
 )
 def test_errors_are_one_clear_line_not_a_traceback(data_dir: Path, tmp_path: Path, args: list[str], code: int,

@@ -112,5 +112,66 @@ def test_bad_transformer_files_are_clear_errors(model_dir: Path, tmp_path: Path)
         resolve_model_source(Settings(model=str(model_dir), transformer_file=tmp_path / "missing.gguf"))
     fake = tmp_path / "fake.gguf"
     fake.write_text("not a gguf file")
-    with pytest.raises(ModelNotFoundError, match="cannot be read"):
+    with pytest.raises(ModelNotFoundError, match="fake.gguf is not a readable GGUF file"):
         component_sizes(resolve_model_source(Settings(model=str(model_dir), transformer_file=fake)))
+
+
+def _rewrite(source: Path, target: Path, keep=lambda index, name: True, rename=lambda name: name) -> Path:
+    """``source``'s tensors, some left out or renamed, written to ``target`` as GGUF."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(target), arch="z_image")
+    for index, tensor in enumerate(gguf.GGUFReader(str(source)).tensors):
+        if keep(index, tensor.name):
+            data = np.array(tensor.data)
+            writer.add_tensor(rename(tensor.name), data, raw_shape=data.shape, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def test_every_unusable_transformer_file_is_one_line_naming_it(model_dir: Path, tmp_path: Path) -> None:
+    """Found by a user: a 4-byte 'GGUF' file, a GGUF without tensors, a folder, tensors that do not make the model's
+    transformer, or another model's file gave tracebacks or 'does not exist'."""
+    from zimage.gguf_files import load_gguf_transformer, mismatch_problem, transformer_file_problem
+    from zimage.loader import component_sizes, resolve_model_source
+
+    good = model_dir / "transformer-Q8_0.gguf"
+    assert transformer_file_problem(good) is None
+    (tmp_path / "four.gguf").write_bytes(b"GGUF")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    (tmp_path / "folder.gguf").mkdir()
+    no_tensors = _rewrite(good, tmp_path / "none.gguf", keep=lambda index, name: False)
+    for path, expected in [(tmp_path / "four.gguf", "four.gguf is not a readable GGUF file"),
+                           (tmp_path / "empty.gguf", "empty.gguf is not a readable GGUF file"),
+                           (tmp_path / "folder.gguf", "is a folder: give the .gguf file itself"),
+                           (tmp_path / "gone.gguf", "does not exist"),
+                           (no_tensors, "none.gguf is a GGUF file without tensors")]:
+        problem = transformer_file_problem(path)
+        assert problem and expected in problem and "--transformer-file" in problem, problem
+        assert "\n" not in problem
+    # Tensors missing or misnamed: diffusers fails in its own ways; the message says what it means.
+    for bad in (_rewrite(good, tmp_path / "dropped.gguf", keep=lambda index, name: index != 3),
+                _rewrite(good, tmp_path / "renamed.gguf", rename=lambda name: "x" + name)):
+        assert transformer_file_problem(bad) is None  # the header is fine ...
+        with pytest.raises(ValueError, match="its tensors do not make this model's transformer"):
+            load_gguf_transformer(bad, str(model_dir), __import__("torch").bfloat16)  # ... the weights are not
+    # Another model's transformer: the weight counts disagree, said before any loading.
+    tiny = component_sizes(resolve_model_source(Settings(model=str(model_dir), transformer_file=good))).transformer
+    assert mismatch_problem(tiny, tiny, "t.gguf", "demo") is None
+    problem = mismatch_problem(tiny, PUBLISHED_SIZES.transformer, "t.gguf", "Tongyi-MAI/Z-Image-Turbo")
+    assert problem and "has 6.15B: it is not this model's transformer" in problem
+
+
+def test_app_and_generate_check_the_transformer_file_before_the_slow_start(tmp_path: Path) -> None:
+    """app.py (preflight) and `generate` (setup_problem) refuse an unusable --transformer-file before building or
+    loading anything (found by a user: app.py served, then logged 'model failed to load' and exited 1)."""
+    from zimage.preflight import setup_problem
+
+    probe = lambda: hypothetical_devices(0)  # noqa: E731 - no hardware probe needed
+    assert "does not exist" in setup_problem(Settings(demo=True, transformer_file=tmp_path / "gone.gguf"), probe)
+    (tmp_path / "dir.gguf").mkdir()
+    assert "is a folder" in setup_problem(Settings(demo=True, transformer_file=tmp_path / "dir.gguf"), probe)
+    assert setup_problem(Settings(demo=True), probe) is None

@@ -68,6 +68,8 @@ def test_every_field_has_an_env_variable_and_help() -> None:
         (["--device", "cpu", "--dtype", "fp16"], {}, "60-120x slower"),
         ([], {"ZIMAGE_AUTH": "alice"}, "not 'user:password'"),
         ([], {"ZIMAGE_RESERVE_MB": "-1"}, "reserve_mb=-1 is out of range"),
+        # Every setting with choices, from the environment too (found by a user: this one reached the loader).
+        ([], {"ZIMAGE_ATTENTION_BACKEND": "bogus"}, "attention_backend='bogus' is not valid: use one of auto, native"),
     ],
 )
 def test_invalid_values_name_the_value_and_the_fix(argv: list[str], env: dict, message: str,

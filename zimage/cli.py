@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import ZImageError
+from .errors import ModelNotFoundError, ZImageError
 from .planner import GIB, PlanError, RequestSize
 from .settings import SettingsError, add_settings_arguments, settings_from_args
 
@@ -154,8 +154,15 @@ def _make_demo(args: argparse.Namespace) -> int:
     from .logs import configure_logging
 
     configure_logging("WARNING")  # also silences the libraries' "Writing model shards" bars
-    if args.dir.exists() and any(args.dir.iterdir()):
-        print(f"error: {args.dir} exists and is not empty: choose a new folder.", file=sys.stderr)
+    if args.dir.exists() and (not args.dir.is_dir() or any(args.dir.iterdir())):
+        what = "is not empty" if args.dir.is_dir() else "is a file"
+        print(f"error: {args.dir} exists and {what}: choose a new folder.", file=sys.stderr)
+        return 2
+    try:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: {args.dir} cannot be created ({exc.strerror}): choose a folder you can write to.",
+              file=sys.stderr)
         return 2
     started = time.perf_counter()
     build_demo_model(args.dir)
@@ -246,11 +253,24 @@ def _plan(args: argparse.Namespace) -> int:
     if args.gpu_name == "list":
         from .timing import KNOWN_GPUS
 
+        if args.json:
+            print(json.dumps([{"name": spec.name, "memory_gb": spec.memory_gb,
+                               "dense_bf16_tflops": spec.dense_bf16_tflops, "memory_gbps": spec.memory_gbps,
+                               "pcie_gen": spec.pcie_gen, "pcie_lanes": spec.pcie_lanes, "source": spec.source}
+                              for spec in KNOWN_GPUS], indent=2))
+            return 0
         for spec in KNOWN_GPUS:
             print(f"{spec.name:<18} {spec.memory_gb:>4g} GB  {spec.dense_bf16_tflops:>7g} TFLOPS dense bf16  "
                   f"{spec.memory_gbps:>6g} GB/s  PCIe {spec.pcie_gen}.0 x{spec.pcie_lanes}  ({spec.source}; spec "
                   "sheet, not measured)")
         return 0
+    _check_plan_args(args)
+    if settings.transformer_file is not None:
+        from .gguf_files import transformer_file_problem
+
+        problem = transformer_file_problem(Path(settings.transformer_file).expanduser())
+        if problem:
+            raise SettingsError(problem)
     throughput = _plan_throughput(args)
     if args.vram_gb is not None or args.gpu_name is not None:
         vram_gb = args.vram_gb
@@ -274,7 +294,12 @@ def _plan(args: argparse.Namespace) -> int:
         source = ModelSource(settings.model, settings.model, find_local_model_folder(settings.model),
                              transformer_file=settings.transformer_file)
     # With a ControlNet its own weights count too (resident under full; for its requests under offload).
-    sizes = component_sizes(source, resolve_controlnet_source(settings, source))
+    try:
+        sizes = component_sizes(source, resolve_controlnet_source(settings, source))
+    except ModelNotFoundError as exc:
+        if settings.transformer_file is None:
+            raise
+        raise SettingsError(str(exc)) from None  # a GGUF file that is not this model's: a bad setting
     if args.gguf_quant is not None:
         from dataclasses import replace
 
@@ -311,6 +336,37 @@ def _plan(args: argparse.Namespace) -> int:
         print()
         print(ranked_table(plan))
     return 0
+
+
+#: Bounds of a hypothetical machine for ``plan`` (beyond any card or server that exists; they keep the arithmetic finite).
+MAX_PLAN_VRAM_GB = 1024
+MAX_PLAN_GPUS = 64
+MAX_PLAN_RAM_GB = 65536
+
+
+def _check_plan_args(args: argparse.Namespace) -> None:
+    """Refuse a hypothetical machine or request that cannot be planned, naming the value and what is allowed.
+    Raises SettingsError."""
+    import math
+
+    from .errors import ValidationError
+    from .service import GenerationRequest, validate_request
+
+    for name in ("vram_gb", "ram_gb", "tflops", "pcie_gbps", "memory_gbps"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise SettingsError(f"--{name.replace('_', '-')}={value} must be a finite number.")
+    if args.vram_gb is not None and not 0 <= args.vram_gb <= MAX_PLAN_VRAM_GB:
+        raise SettingsError(f"--vram-gb={args.vram_gb:g} is out of range: use 0 (no GPU) to {MAX_PLAN_VRAM_GB} GB.")
+    if not 1 <= args.gpus <= MAX_PLAN_GPUS:
+        raise SettingsError(f"--gpus={args.gpus} is out of range: use 1 to {MAX_PLAN_GPUS}.")
+    if not 0 < args.ram_gb <= MAX_PLAN_RAM_GB:
+        raise SettingsError(f"--ram-gb={args.ram_gb:g} is out of range: use more than 0, up to {MAX_PLAN_RAM_GB} GB.")
+    try:  # the same request rules as generate and the API
+        validate_request(GenerationRequest(prompt="plan", width=args.width, height=args.height,
+                                           num_images=args.num_images))
+    except ValidationError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _plan_throughput(args: argparse.Namespace):
@@ -419,6 +475,11 @@ def _generate(args: argparse.Namespace) -> int:
             service.check_loras(checked.loras)
     except ValidationError as exc:
         raise SettingsError(str(exc)) from None
+    from .preflight import setup_problem
+
+    problem = setup_problem(settings)  # a bad GGUF file, a missing attention kernel: before the slow load
+    if problem:
+        raise SettingsError(problem)
     if not args.quiet:
         print(f"loading {settings.model_source} ...", file=sys.stderr)
     service.load()

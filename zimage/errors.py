@@ -12,9 +12,16 @@ def shown(value: Any, limit: int = 60) -> str:
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, cut to ``limit`` characters (its type's name when empty)."""
+    """The first line of an exception's message, cut at a word to at most ``limit`` characters and then marked with
+    "..." (its type's name when empty)."""
     lines = str(exc).strip().splitlines()
-    return lines[0][:limit] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 4]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + " ..."
 
 
 class ZImageError(Exception):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import first_line
 from .planner import ComponentStats
 
 #: Quantization types ``make-demo --gguf`` writes (those the gguf package 0.19.0 quantizes in numpy).
@@ -33,8 +34,11 @@ def _reader(path: Path) -> Any:
         raise ValueError("reading a GGUF file needs the gguf package: pip install gguf==0.19.0") from exc
     try:
         return gguf.GGUFReader(str(path))  # memory-maps the file: no weight is read
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable GGUF file ({exc})") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged header fails in numpy in many ways (IndexError, ...)
+        raise ValueError(f"{path.name} is not a readable GGUF file ({type(exc).__name__}: "
+                         f"{first_line(exc, 200)})") from exc
 
 
 def gguf_transformer_stats(path: Path) -> ComponentStats:
@@ -44,11 +48,48 @@ def gguf_transformer_stats(path: Path) -> ComponentStats:
     from .model_files import stats_from_shapes
 
     reader = _reader(path)
+    if not len(reader.tensors):
+        raise ValueError(f"{path.name} is a GGUF file without tensors: it holds no transformer")
     shapes = {tensor.name: [int(tensor.n_elements)] for tensor in reader.tensors}
     stats = stats_from_shapes(shapes)
     from dataclasses import replace
 
     return replace(stats, stored_bytes=sum(int(tensor.n_bytes) for tensor in reader.tensors))
+
+
+def transformer_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as ``--transformer-file`` (one line naming the setting and the fix), or None: it
+    must be a readable GGUF file with tensors. Reads only the header. Never raises for these problems."""
+    setting = f"--transformer-file {str(path)!r} (ZIMAGE_TRANSFORMER_FILE)"
+    if path.is_dir():
+        return f"{setting} is a folder: give the .gguf file itself (e.g. z_image_turbo-Q8_0.gguf)."
+    if not path.is_file():
+        return (f"{setting} does not exist: give the path of a GGUF transformer (e.g. z_image_turbo-Q8_0.gguf), or "
+                "leave the setting out.")
+    try:
+        gguf_transformer_stats(path)
+    except OSError as exc:
+        return f"{setting} cannot be read ({exc.strerror or exc}): check its permissions."
+    except ValueError as exc:
+        return f"{setting}: {exc}; give a GGUF transformer of Z-Image (e.g. z_image_turbo-Q8_0.gguf)."
+    return None
+
+
+def mismatch_problem(gguf_stats: ComponentStats, model_stats: ComponentStats, name: str, model: str) -> str | None:
+    """Why a GGUF transformer of ``gguf_stats`` does not belong to a model whose transformer is ``model_stats``
+    (their weight counts differ by more than :data:`PARAMS_TOLERANCE`), or None. Pure."""
+    if not model_stats.params:
+        return None
+    if abs(gguf_stats.params - model_stats.params) <= PARAMS_TOLERANCE * model_stats.params:
+        return None
+    return (f"--transformer-file {name!r} holds {gguf_stats.params / 1e9:.2f}B weights, but the transformer of "
+            f"{model} has {model_stats.params / 1e9:.2f}B: it is not this model's transformer. Give the GGUF file "
+            "made from this model, or the --model it was made from.")
+
+
+#: How far a GGUF transformer's weight count may be from the model's (published files keep a few small tensors
+#: in another layout, never a share of the weights).
+PARAMS_TOLERANCE = 0.01
 
 
 def to_original_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -106,9 +147,16 @@ def load_gguf_transformer(path: Path, config: str, dtype: Any) -> Any:
     folder). Raises OSError/ValueError from diffusers for a file it cannot map."""
     from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
 
-    return ZImageTransformer2DModel.from_single_file(
-        str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), config=config,
-        subfolder="transformer", dtype=dtype)
+    try:
+        return ZImageTransformer2DModel.from_single_file(
+            str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), config=config,
+            subfolder="transformer", dtype=dtype)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - diffusers fails in many ways on tensors that do not fit the config
+        # (SingleFileComponentError for missing weights, NotImplementedError from a meta tensor left unfilled, ...)
+        raise ValueError(f"its tensors do not make this model's transformer ({type(exc).__name__}: "
+                         f"{first_line(exc, 200)})") from exc
 
 
 #: Quantization types diffusers 0.42.1 dequantizes (``SUPPORTED_GGUF_QUANT_TYPES`` in

@@ -84,10 +84,12 @@ def resolve_model_source(settings: Settings) -> ModelSource:
     source = _resolve_model_source(settings)
     if settings.transformer_file is None:
         return source
+    from .gguf_files import transformer_file_problem
+
     path = Path(settings.transformer_file).expanduser()
-    if not path.is_file():
-        raise ModelNotFoundError(f"--transformer-file {str(settings.transformer_file)!r} does not exist: give the path "
-                                 "of a GGUF transformer (e.g. z_image_turbo-Q8_0.gguf), or leave the flag out.")
+    problem = transformer_file_problem(path)
+    if problem:
+        raise ModelNotFoundError(problem)
     return replace(source, transformer_file=path, label=f"{source.label} + {path.name}")
 
 
@@ -116,12 +118,16 @@ def component_sizes(source: ModelSource, controlnet: ControlNetSource | None = N
     ControlNet's own weights when one is configured (its files' headers, else the published Union 2.1 size)."""
     sizes = sizes_for(source.pretrained, source.folder)
     if source.transformer_file is not None:
-        from .gguf_files import gguf_transformer_stats
+        from .gguf_files import gguf_transformer_stats, mismatch_problem
 
         try:
             stats = gguf_transformer_stats(source.transformer_file)
         except ValueError as exc:
             raise ModelNotFoundError(f"--transformer-file {source.transformer_file.name!r} cannot be read: {exc}") from exc
+        problem = mismatch_problem(stats, sizes.transformer, source.transformer_file.name,
+                                   f"{source.label.split(' + ')[0]} ({sizes.source})")
+        if problem:
+            raise ModelNotFoundError(problem)
         sizes = replace(sizes, transformer=replace(stats, hidden_size=sizes.transformer.hidden_size),
                                   source=f"{sizes.source}; transformer: GGUF header of {source.transformer_file.name}")
     if controlnet is None:
@@ -375,7 +381,8 @@ def load_pipeline(source: ModelSource, plan: MemoryPlan) -> Any:
                                                           torch_dtype(plan.dtype))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelNotFoundError(f"--transformer-file {source.transformer_file.name!r} could not be loaded as a "
-                                     f"Z-Image transformer: {first_line(exc, 300)}") from exc
+                                     f"Z-Image transformer: {first_line(exc, 300)}. Give the GGUF file made from "
+                                     "this model's transformer.") from exc
     if plan.profile == "balanced":
         # Whole components spread over the GPUs, each limited to its usable memory.
         kwargs["device_map"] = "balanced"

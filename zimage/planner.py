@@ -40,11 +40,14 @@ Each candidate gets a predicted peak (:func:`predict_peak_bytes`) and predicted 
 (:func:`predict_seconds`: FLOPs over the GPU's bf16 rate, plus the bytes it moves host-to-device per image over the
 link's bandwidth, plus the bytes cast on the GPU for weights stored in fp8 or GGUF over its memory bandwidth;
 :mod:`zimage.timing`). The auto planner takes the fastest candidate whose peak fits the GPU's free memory minus the
-reserve. Candidates predicted within :data:`TIME_TIE_SHARE` of the fastest count as equally fast (the time model is
-not more precise than that), and among those the fewest lossy options (``fp8-storage``, ``te-fp8-storage``) win,
-then the fastest: lossy storage is chosen only where it buys more speed than that, or where nothing lossless fits.
-``auto_fp8=False`` forbids lossy options. So more memory never gives a placement predicted slower by more than
-:data:`TIME_TIE_SHARE`.
+reserve, with one rule for lossy options (``fp8-storage``, ``te-fp8-storage``): each has to earn its place.
+Starting from the fastest lossless candidate, the fastest with at most one more lossy option replaces the choice
+only when it is predicted more than :data:`TIME_TIE_SHARE` faster than it (the time model is not more precise than
+that), or when nothing with fewer fits; so a lossy choice is more than that share faster than every lossless
+candidate that fits.
+``auto_fp8=False`` (and fp32, where fp8 storage cannot compute) forbids lossy options. So the choice is never
+more than :data:`TIME_TIE_SHARE` slower than the fastest that fits, and more memory never gives a placement
+predicted slower by more than that share (none slower without lossy options).
 
 The activation constants below are estimates from the model's shapes, not yet measurements: the
 GPU benchmark (``benchmarks/gpu_profiles.py``) measures the real peaks to replace them.
@@ -71,8 +74,8 @@ PROFILES_FASTEST_FIRST = ("full", "balanced", "transformer-resident", "model-off
                           "sequential-offload")
 #: Placements that stream the transformer's blocks from RAM at every step.
 STREAMING_PROFILES = ("group-offload", "sequential-offload")
-#: Predicted seconds within this share of the fastest fitting candidate count as a tie, broken by the fewest lossy
-#: options: the time model's own error is about this size (its target is 10%), so a lossy option must buy more.
+#: A lossy option must make a placement predicted faster than this share to be chosen over one without it: the time
+#: model's own error is about this size (its target is 10%), so a smaller gain is no reason to change pixels.
 TIME_TIE_SHARE = 0.05
 #: Options that change pixels.
 LOSSY_OPTIONS = ("fp8-storage", "te-fp8-storage")
@@ -88,8 +91,8 @@ DEFAULT_THROUGHPUT = Throughput(bf16_tflops=70.0, h2d_gbps=25.0, memory_gbps=400
 SEQUENTIAL_BANDWIDTH_SHARE = 0.5
 #: Device bytes per weight that diffusers' layerwise casting moves at every forward of an fp8-stored layer: up to the
 #: compute dtype before it (read 1 byte, write 2) and back to fp8 after it (read 2, write 1); diffusers 0.42.1
-#: ``LayerwiseCastingHook.pre_forward``/``post_forward``. For bf16/fp16 compute.
-LAYERWISE_CAST_BYTES_PER_WEIGHT = 6
+#: ``LayerwiseCastingHook.pre_forward``/``post_forward``. For bf16/fp16 compute (fp8 storage needs one of them).
+LAYERWISE_CAST_BYTES_PER_WEIGHT = 2 * (1 + 2)
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -609,8 +612,6 @@ def cast_bytes_per_request(options: tuple[str, ...], sizes: ComponentSizes, requ
     without such weights. Under every placement alike: the cast happens where the layer computes.
     """
     dtype_bytes = DTYPE_BYTES[dtype]
-    if dtype_bytes == 4:
-        return 0  # fp8 options are refused with fp32; a GGUF transformer computes in bf16 regardless
     per_weight = LAYERWISE_CAST_BYTES_PER_WEIGHT
     per_step = 0
     if sizes.transformer.stored_bytes is not None:
@@ -765,22 +766,27 @@ def device_throughput(devices: DeviceFacts, device: str) -> Throughput:
 
 
 def _choose(weighed: list[_Weighed]) -> tuple[_Weighed | None, str]:
-    """The fastest fitting candidate, where predictions within :data:`TIME_TIE_SHARE` of the fastest tie and the
-    fewest lossy options break the tie (then speed). Returns (choice or None, why it is lossy: "" when it is not)."""
+    """The fastest fitting candidate, where each lossy option has to earn its place: starting from the fastest
+    lossless one, the fastest with at most one more lossy option replaces the choice only when it is predicted more
+    than :data:`TIME_TIE_SHARE` faster, and so on. So a lossy choice is always more than that share faster than
+    every lossless candidate that fits, and never more than that share slower than the fastest that fits. Returns
+    (choice or None, why it is lossy: "" when it is not)."""
     fitting = [w for w in weighed if w.fits]
-    if not fitting:
-        return None, ""
-    fastest = min(w.seconds for w in fitting)
-    near = [w for w in fitting if w.seconds <= fastest * (1 + TIME_TIE_SHARE)]
-    chosen = min(near, key=lambda w: (w.lossy, w.seconds, len(w.candidate.options), w.order))
-    if not chosen.lossy:
+    speed = lambda w: (w.seconds, len(w.candidate.options), w.order)  # noqa: E731
+    chosen: _Weighed | None = None
+    for level in range(max((w.lossy for w in fitting), default=-1) + 1):
+        best = min((w for w in fitting if w.lossy <= level), key=speed, default=None)
+        if best is None or best is chosen:
+            continue
+        if chosen is None or best.seconds * (1 + TIME_TIE_SHARE) < chosen.seconds:
+            chosen = best
+    if chosen is None or not chosen.lossy:
         return chosen, ""
-    lossless = [w for w in fitting if not w.lossy]
-    if not lossless:
+    lossless = min((w for w in fitting if not w.lossy), key=speed, default=None)
+    if lossless is None:
         return chosen, "nothing lossless fits"
-    best = min(lossless, key=lambda w: (w.seconds, len(w.candidate.options), w.order))
-    gain = 1 - chosen.seconds / best.seconds
-    return chosen, f"{gain:.0%} faster than the fastest lossless one, {_describe(best.candidate)}"
+    gain = 1 - chosen.seconds / lossless.seconds
+    return chosen, f"{gain:.0%} faster than the fastest lossless one, {_describe(lossless.candidate)}"
 
 
 def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSize = RequestSize(), *,
@@ -798,6 +804,10 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     dtype = choose_dtype(dtype, device, devices)
     forced = _normalise_options(tuple(forced_options))
     ram_warnings = _ram_warnings(devices, sizes, dtype)
+    quantized = sizes.transformer.stored_bytes is not None
+    if quantized and "fp8-storage" in forced:
+        raise PlanError("fp8-storage cannot be combined with a GGUF transformer (--transformer-file): its weights are "
+                        "already quantized. Drop fp8-storage from --memory-options.")
 
     if device == "cpu":
         if requested_profile not in ("auto", "cpu"):
@@ -820,12 +830,9 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     if any(o in forced for o in LOSSY_OPTIONS) and dtype == "fp32":
         raise PlanError("fp8-storage and te-fp8-storage compute in bf16/fp16: use --dtype bf16 with them.")
 
-    quantized = sizes.transformer.stored_bytes is not None
-    if quantized and "fp8-storage" in forced:
-        raise PlanError("fp8-storage cannot be combined with a GGUF transformer (--transformer-file): its weights are "
-                        "already quantized. Drop fp8-storage from --memory-options.")
     throughput = device_throughput(devices, device)
-    candidates = _candidates(devices, device, auto_fp8, forced)
+    # fp8 storage computes in bf16/fp16 (refused above when asked for with fp32): never a candidate in fp32.
+    candidates = _candidates(devices, device, auto_fp8 and dtype != "fp32", forced)
     if quantized:  # fp8 storage does not apply to quantized weights
         candidates = [c for c in candidates if "fp8-storage" not in c.options]
     if requested_profile != "auto":
@@ -852,11 +859,18 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     if requested_profile != "auto":
         reason = f"{requested_profile} was asked for; predicted peak {_fmt_gb(peak)} of {_fmt_gb(budget)} usable"
     elif fits:
-        reason = (f"{_describe(candidate)} is the fastest placement that fits: predicted {chosen.seconds:.2f} s per "
-                  f"image, peak {_fmt_gb(peak)} within {_fmt_gb(budget)} usable ({free_gib} free minus "
+        skipped = [w for w in ranked if w.fits and w.seconds < chosen.seconds]  # lossier, and not faster enough
+        what = "the fastest placement that fits" if not skipped else (
+            f"the fastest that fits with {chosen.lossy or 'no'} lossy option{'' if chosen.lossy == 1 else 's'}")
+        reason = (f"{_describe(candidate)} is {what}: predicted {chosen.seconds:.2f} s per image, peak "
+                  f"{_fmt_gb(peak)} within {_fmt_gb(budget)} usable ({free_gib} free minus "
                   f"{_fmt_gb(reserve_bytes)} reserve)")
         if lossy_why:
             reason += f" ({lossy_why})"
+        if skipped:
+            gain = 1 - skipped[0].seconds / chosen.seconds
+            reason += (f"; {_describe(skipped[0].candidate)} ({skipped[0].seconds:.2f} s) is only {gain:.0%} faster, "
+                       f"less than the {TIME_TIE_SHARE:.0%} that more lossy storage must buy")
         faster = [w for w in ranked if w.seconds < chosen.seconds and not w.fits]
         if faster:
             reason += (f"; {_describe(faster[0].candidate)} ({faster[0].seconds:.2f} s) would need "

@@ -52,9 +52,10 @@ def preflight(settings: Settings, probe: Callable | None = None) -> str | None:
     """Check what would make the app fail after a slow start; return the first problem as one line, or None.
 
     In order: the port is free (:func:`port_problem`), the outputs folder is usable
-    (:meth:`OutputStore.problem`), and the device, dtype and memory profile can work on this machine
-    (the hardware probe, ``probe`` by default :func:`zimage.hardware.probe_devices`, and the planner; e.g.
-    ``--dtype fp16`` where ``--device auto`` finds no GPU). Runs before the demo model is built, the
+    (:meth:`OutputStore.problem`), a ``--transformer-file`` is a readable GGUF file, and the device, dtype and
+    memory profile can work on this machine (the hardware probe, ``probe`` by default
+    :func:`zimage.hardware.probe_devices`, and the planner; e.g. ``--dtype fp16`` where ``--device auto`` finds no
+    GPU), and a named attention kernel is installed (:func:`setup_problem`). Runs before the demo model is built, the
     model loaded or Gradio imported. Never raises for these problems.
     """
     problem = port_problem(settings.host, settings.port)
@@ -63,6 +64,21 @@ def preflight(settings: Settings, probe: Callable | None = None) -> str | None:
     problem = OutputStore(settings.outputs_dir).problem()
     if problem:
         return f"outputs folder: {problem}"
+    return setup_problem(settings, probe)
+
+
+def setup_problem(settings: Settings, probe: Callable | None = None) -> str | None:
+    """The checks of :func:`preflight` that do not concern serving (also run by ``python -m zimage generate``
+    before it loads the model): the GGUF transformer file is readable, the device, dtype and memory profile can
+    work here, and a named attention kernel is installed. One line, or None. Never raises for these problems."""
+    if settings.transformer_file is not None:
+        from pathlib import Path
+
+        from .gguf_files import transformer_file_problem
+
+        problem = transformer_file_problem(Path(settings.transformer_file).expanduser())
+        if problem:
+            return problem
     from .loader import plan_for
     from .planner import PUBLISHED_SIZES, PlanError
 

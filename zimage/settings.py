@@ -168,8 +168,10 @@ def _validate(s: Settings) -> None:
                 f"(--{name.replace('_', '-')} or {ENV_PREFIX}{name.upper()})."
             )
 
-    choice("dtype", s.dtype, DTYPE_CHOICES)
-    choice("model_family", s.model_family, FAMILY_CHOICES)
+    # Every setting declared with choices (the flags' argparse checks them too; the ZIMAGE_* variables only here).
+    for f in dataclasses.fields(Settings):
+        if f.metadata.get("choices") and isinstance(getattr(s, f.name), str):
+            choice(f.name, getattr(s, f.name), f.metadata["choices"])
     if s.demo and s.controlnet not in ("", "demo", "none"):
         raise SettingsError(f"controlnet={s.controlnet!r} cannot be combined with --demo (the demo model's tiny "
                             "transformer fits only its own ControlNet): leave --controlnet out (or 'none'), or drop "

@@ -19,6 +19,7 @@ the assumed efficiencies below). None of the resulting seconds has been checked 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -159,17 +160,33 @@ def _squash(text: str) -> str:
     return "".join(c for c in text.lower() if c.isalnum())
 
 
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
 def find_gpu(name: str) -> GpuSpec:
-    """The :data:`KNOWN_GPUS` entry ``name`` names (case, spaces and the memory suffix optional: "4090",
-    "rtx 4060 ti 16gb", "H100"). Raises ValueError listing the known names when none or several match."""
+    """The :data:`KNOWN_GPUS` entry ``name`` names: the whole name or the name without its memory ("RTX 4090",
+    "A10", "L4"), spaces and case optional ("4060ti16gb"), or whole words of it ("4090", "4060 Ti"; "L40" is not
+    "L40S"). Raises ValueError listing the known names when none match, or the matching ones when several do."""
     wanted = _squash(name)
-    exact = [gpu for gpu in KNOWN_GPUS if _squash(gpu.name) == wanted]
-    if exact:
-        return exact[0]
-    matches = [gpu for gpu in KNOWN_GPUS if wanted and wanted in _squash(gpu.name)]
+    full = lambda gpu: _squash(gpu.name)  # noqa: E731
+    base = lambda gpu: _squash(gpu.name.rsplit(" ", 1)[0])  # noqa: E731 - without the memory
+    for key in (full, base, lambda gpu: full(gpu).removeprefix("rtx"), lambda gpu: base(gpu).removeprefix("rtx")):
+        exact = [gpu for gpu in KNOWN_GPUS if wanted and key(gpu) == wanted]
+        if len(exact) == 1:
+            return exact[0]
+    words = _tokens(name)
+
+    def has_words(gpu: GpuSpec) -> bool:
+        tokens = _tokens(gpu.name)
+        return any(tokens[i:i + len(words)] == words for i in range(len(tokens)))
+
+    matches = [gpu for gpu in KNOWN_GPUS if words and has_words(gpu)]
     if len(matches) == 1:
         return matches[0]
+    if matches:
+        raise ValueError(f"gpu name {name!r} matches several cards: {', '.join(gpu.name for gpu in matches)}; "
+                         "give more of the name.")
     known = ", ".join(gpu.name for gpu in KNOWN_GPUS)
-    what = "matches several cards" if matches else "is not in the table"
-    raise ValueError(f"gpu name {name!r} {what}: use one of {known}, or give --vram-gb with --tflops, "
+    raise ValueError(f"gpu name {name!r} is not in the table: use one of {known}, or give --vram-gb with --tflops, "
                      "--pcie-gbps and --memory-gbps.")
