@@ -101,9 +101,9 @@ GPU_CASES = (
     Case("full", attention_backend="flash", max_repeats=3),
     Case("full", attention_backend="_flash_3", max_repeats=3),
     Case("full", compile=True, max_repeats=3),
-    # A GGUF transformer (the 8 GB target: resident, the text encoder streamed), and the cost of dequantizing it.
+    # A GGUF transformer (the 8 GB target: resident, the text encoder streamed); next to the bf16 transformer-resident
+    # row it shows what dequantizing at every step costs.
     Case("transformer-resident", gguf=True, max_repeats=3),
-    Case("full", gguf=True, max_repeats=3),
 )
 #: Emulated cards: (GB, with the GGUF transformer).
 GPU_CARDS = tuple((card_gb, False) for card_gb in CARDS_GB) + ((8, True),)
