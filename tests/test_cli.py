@@ -82,7 +82,14 @@ def test_plan_ranked_table_for_a_named_card(data_dir: Path) -> None:
     (["--vram-gb", "8", "--ram-gb", "0"], "--ram-gb=0 is out of range"),
     (["--gpu-name", "4090", "--ram-gb", "inf"], "--ram-gb=inf must be a finite number"),
     (["--vram-gb", "24", "--tflops", "inf"], "--tflops=inf must be a finite number"),
-    (["--vram-gb", "24", "--memory-gbps", "0"], "--memory-gbps=0 must be more than 0"),
+    (["--vram-gb", "24", "--memory-gbps", "0"], "--memory-gbps=0 is out of range: use 1 to 100000 (GB/s)"),
+    # Denormal rates gave Infinity seconds (invalid JSON) and 300-digit numbers.
+    (["--vram-gb", "24", "--tflops", "1e-320"], "--tflops=9.99989e-321 is out of range: use 0.1 to 100000"),
+    (["--vram-gb", "24", "--pcie-gbps", "1e-12"], "--pcie-gbps=1e-12 is out of range"),
+    (["--gpus", "4"], "--gpus and --ram-gb describe a hypothetical machine"),  # was silently ignored
+    (["--gpu-name", "a" * 2500], "... (2502 characters) is not in the table"),  # not echoed in full
+    (["--transformer-file", "/tmp/" + "a" * 300 + ".gguf"], "longer than the 255 a file system allows"),
+    (["--model", "a" * 300], "model='aaaa"),
     (["--gpu-name", "4090", "--num-images", "0"], "num_images=0 is out of range: use a whole number from 1 to 4"),
     (["--gpu-name", "4090", "--num-images", "5"], "num_images=5 is out of range"),
     (["--gpu-name", "4090", "--width", "1023"], "width=1023 is not a multiple of 16: use 1008 or 1024"),
@@ -112,6 +119,20 @@ def test_plan_lists_cards_as_json_and_estimates_a_gguf_download(capsys: pytest.C
     assert (plan["profile"], plan["options"]) == ("transformer-resident", [])  # the 8 GB target
     assert main(["plan", "--gpu-name", "RTX 4060 8GB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["profile"] == "group-offload"  # without the GGUF file
+    # The name a driver reports finds the card, and the plan names the card it resolved to.
+    assert main(["plan", "--gpu-name", "NVIDIA GeForce RTX 4060 Ti"]) == 0
+    assert "machine:   RTX 4060 Ti 16GB (16 GiB" in capsys.readouterr().out
+
+
+def test_files_with_names_too_long_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from zimage.cli import main
+
+    long_name = "a" * 300
+    for argv in (["make-demo", str(tmp_path / long_name)],
+                 ["make-demo-lora", str(tmp_path / f"{long_name}.safetensors"), "--format", "peft"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "longer than the 255 a file system allows" in err and err.count("\n") == 1, err
 
 
 def test_plan_for_this_machine_in_text(data_dir: Path) -> None:

@@ -152,12 +152,22 @@ def test_every_unusable_transformer_file_is_one_line_naming_it(model_dir: Path, 
         problem = transformer_file_problem(path)
         assert problem and expected in problem and "--transformer-file" in problem, problem
         assert "\n" not in problem
-    # Tensors missing or misnamed: diffusers fails in its own ways; the message says what it means.
-    for bad in (_rewrite(good, tmp_path / "dropped.gguf", keep=lambda index, name: index != 3),
-                _rewrite(good, tmp_path / "renamed.gguf", rename=lambda name: "x" + name)):
+    # Tensors missing or misnamed: found from the header with diffusers' own conversion before anything loads, and
+    # if loading is tried anyway, diffusers' own failure is said in the same terms.
+    from zimage.architecture import PUBLISHED, TINY
+    from zimage.gguf_files import layout_problem
+
+    assert layout_problem(good, TINY.transformer, "the demo model") is None
+    for bad, expected in [(_rewrite(good, tmp_path / "dropped.gguf", keep=lambda index, name: index != 3),
+                           "it lacks 1 of the transformer's tensors"),
+                          (_rewrite(good, tmp_path / "renamed.gguf", rename=lambda name: "x" + name),
+                           "it lacks 73 of the transformer's tensors")]:
         assert transformer_file_problem(bad) is None  # the header is fine ...
+        assert expected in layout_problem(bad, TINY.transformer, "the demo model")  # ... its tensors are not
         with pytest.raises(ValueError, match="its tensors do not make this model's transformer"):
-            load_gguf_transformer(bad, str(model_dir), __import__("torch").bfloat16)  # ... the weights are not
+            load_gguf_transformer(bad, str(model_dir), __import__("torch").bfloat16)
+    problem = layout_problem(good, PUBLISHED.transformer, "Z-Image-Turbo")
+    assert "is not a transformer of Z-Image-Turbo: x_pad_token is (1, 32) where the model has (1, 3840)" in problem
     # Another model's transformer: the weight counts disagree, said before any loading.
     tiny = component_sizes(resolve_model_source(Settings(model=str(model_dir), transformer_file=good))).transformer
     assert mismatch_problem(tiny, tiny, "t.gguf", "demo") is None
@@ -165,7 +175,7 @@ def test_every_unusable_transformer_file_is_one_line_naming_it(model_dir: Path, 
     assert problem and "has 6.15B: it is not this model's transformer" in problem
 
 
-def test_app_and_generate_check_the_transformer_file_before_the_slow_start(tmp_path: Path) -> None:
+def test_app_and_generate_check_the_transformer_file_before_the_slow_start(model_dir: Path, tmp_path: Path) -> None:
     """app.py (preflight) and `generate` (setup_problem) refuse an unusable --transformer-file before building or
     loading anything (found by a user: app.py served, then logged 'model failed to load' and exited 1)."""
     from zimage.preflight import setup_problem
@@ -175,3 +185,11 @@ def test_app_and_generate_check_the_transformer_file_before_the_slow_start(tmp_p
     (tmp_path / "dir.gguf").mkdir()
     assert "is a folder" in setup_problem(Settings(demo=True, transformer_file=tmp_path / "dir.gguf"), probe)
     assert setup_problem(Settings(demo=True), probe) is None
+    # The demo's GGUF with the real model (published architecture): named as another model's file, before loading.
+    good = model_dir / "transformer-Q8_0.gguf"
+    assert "is not a transformer of 'Tongyi-MAI/Z-Image-Turbo' (its published architecture)" in setup_problem(
+        Settings(transformer_file=good), probe)
+    assert setup_problem(Settings(demo=True, transformer_file=good), probe) is None
+    # fp8 storage with a GGUF file: refused before loading (was found only by the planner after the start).
+    assert "fp8-storage cannot be combined with a GGUF transformer" in setup_problem(
+        Settings(demo=True, transformer_file=good, memory_options=("fp8-storage",), dtype="bf16"), probe)

@@ -137,6 +137,21 @@ def test_the_ladder_order_and_fp8_only_when_allowed() -> None:
                           ("group-offload", ("fp8-storage",)), ("sequential-offload", ("fp8-storage",))]
 
 
+def test_a_gguf_transformer_never_steps_down_to_fp8_storage() -> None:
+    """Found by a user: with --recovery-fp8 the ladder offered fp8 storage to a GGUF transformer, which the planner
+    refuses (its weights are already quantized) and which would change its pixels."""
+    from dataclasses import replace
+
+    gguf = replace(PUBLISHED_SIZES, transformer=replace(PUBLISHED_SIZES.transformer,
+                                                        stored_bytes=PUBLISHED_SIZES.transformer.params * 17 // 16))
+    plan, seen = gpu_plan(80), []
+    while (action := next_action(OOM, "denoise", plan, plan, BIG_REQUEST, gguf, allow_fp8=True,
+                                 error_text="CUDA out of memory")).kind == RETRY:
+        plan = action.plan
+        seen.append((plan.profile, plan.options))
+    assert seen == [("model-offload", ()), ("group-offload", ()), ("sequential-offload", ())]
+
+
 def test_the_last_rung_fails_with_a_readable_message() -> None:
     leanest = leanest_plan(gpu_plan(80), PUBLISHED_SIZES, allow_fp8=False)
     assert leanest.profile == "sequential-offload"

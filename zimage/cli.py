@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import ModelNotFoundError, ZImageError
+from .errors import ModelNotFoundError, ZImageError, shown
 from .planner import GIB, PlanError, RequestSize
-from .settings import SettingsError, add_settings_arguments, settings_from_args
+from .settings import SettingsError, add_settings_arguments, path_length_problem, settings_from_args
 
 _ENGINE_SETTINGS = ("model", "demo", "dtype", "device", "memory_profile", "memory_options", "auto_fp8",
                     "reserve_mb", "outputs_dir", "data_dir", "log_prompts", "max_upload_mb", "recovery_fp8",
@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Plan as if --transformer-file were a GGUF transformer of this type (Q8_0, Q6_K, Q5_K, "
                            "Q4_K, Q4_0, ...), its size estimated from the type's bits per weight: what a download "
                            "would buy before making it.")
-    plan.add_argument("--gpus", type=int, default=1, help="With --vram-gb: number of such GPUs.")
-    plan.add_argument("--ram-gb", type=float, default=64.0, help="With --vram-gb: system RAM.")
+    plan.add_argument("--gpus", type=int, help="With --vram-gb or --gpu-name: number of such GPUs (default 1).")
+    plan.add_argument("--ram-gb", type=float, help="With --vram-gb or --gpu-name: system RAM (default 64).")
     plan.add_argument("--width", type=int, default=DEFAULT_SIDE_PX, help="Image width to plan for, in pixels.")
     plan.add_argument("--height", type=int, default=DEFAULT_SIDE_PX, help="Image height to plan for, in pixels.")
     plan.add_argument("--num-images", type=int, default=1, help="Images per request to plan for.")
@@ -147,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`plan | head`): not an error of ours. Point stdout at /dev/null so that Python's own
+        # flush at exit does not fail again (the recipe of Python's signal documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # Any file problem no check above foresaw: one line with the file, never a traceback.
+        where = f" ({shown(str(exc.filename), 200)})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 def _make_demo(args: argparse.Namespace) -> int:
@@ -154,6 +164,10 @@ def _make_demo(args: argparse.Namespace) -> int:
     from .logs import configure_logging
 
     configure_logging("WARNING")  # also silences the libraries' "Writing model shards" bars
+    problem = path_length_problem(str(args.dir))
+    if problem:
+        print(f"error: {shown(str(args.dir))} {problem}: choose a shorter name.", file=sys.stderr)
+        return 2
     if args.dir.exists() and (not args.dir.is_dir() or any(args.dir.iterdir())):
         what = "is not empty" if args.dir.is_dir() else "is a file"
         print(f"error: {args.dir} exists and {what}: choose a new folder.", file=sys.stderr)
@@ -232,6 +246,10 @@ def _make_demo_lora(args: argparse.Namespace) -> int:
         print(f"error: {args.file} does not end in {SAFETENSORS_SUFFIX}: the server reads only .safetensors LoRAs.",
               file=sys.stderr)
         return 2
+    problem = path_length_problem(str(args.file))
+    if problem:
+        print(f"error: {shown(str(args.file))} {problem}: choose a shorter name.", file=sys.stderr)
+        return 2
     if args.file.exists():
         print(f"error: {args.file} exists: choose a new file name.", file=sys.stderr)
         return 2
@@ -265,21 +283,19 @@ def _plan(args: argparse.Namespace) -> int:
                   "sheet, not measured)")
         return 0
     _check_plan_args(args)
-    if settings.transformer_file is not None:
-        from .gguf_files import transformer_file_problem
+    from .preflight import transformer_file_problem
 
-        problem = transformer_file_problem(Path(settings.transformer_file).expanduser())
-        if problem:
-            raise SettingsError(problem)
+    problem = transformer_file_problem(settings)
+    if problem:
+        raise SettingsError(problem)
     throughput = _plan_throughput(args)
     if args.vram_gb is not None or args.gpu_name is not None:
-        vram_gb = args.vram_gb
-        if vram_gb is None:
-            from .timing import find_gpu
+        from .timing import find_gpu
 
-            vram_gb = find_gpu(args.gpu_name).memory_gb
-        devices = hypothetical_devices(vram_gb, args.gpus, args.ram_gb, throughput=throughput,
-                                       name=args.gpu_name)
+        card = find_gpu(args.gpu_name) if args.gpu_name is not None else None  # checked by _plan_throughput
+        vram_gb = args.vram_gb if args.vram_gb is not None else card.memory_gb
+        devices = hypothetical_devices(vram_gb, args.gpus or 1, args.ram_gb or 64.0, throughput=throughput,
+                                       name=card.name if card is not None else None)
     else:
         from .hardware import probe_devices
 
@@ -342,6 +358,8 @@ def _plan(args: argparse.Namespace) -> int:
 MAX_PLAN_VRAM_GB = 1024
 MAX_PLAN_GPUS = 64
 MAX_PLAN_RAM_GB = 65536
+#: Rates ``plan`` accepts (far beyond any card at both ends: they keep the predicted seconds finite and readable).
+PLAN_RATE_BOUNDS = {"tflops": (0.1, 100_000.0), "pcie_gbps": (0.1, 10_000.0), "memory_gbps": (1.0, 100_000.0)}
 
 
 def _check_plan_args(args: argparse.Namespace) -> None:
@@ -358,9 +376,12 @@ def _check_plan_args(args: argparse.Namespace) -> None:
             raise SettingsError(f"--{name.replace('_', '-')}={value} must be a finite number.")
     if args.vram_gb is not None and not 0 <= args.vram_gb <= MAX_PLAN_VRAM_GB:
         raise SettingsError(f"--vram-gb={args.vram_gb:g} is out of range: use 0 (no GPU) to {MAX_PLAN_VRAM_GB} GB.")
-    if not 1 <= args.gpus <= MAX_PLAN_GPUS:
+    if (args.gpus is not None or args.ram_gb is not None) and args.vram_gb is None and args.gpu_name is None:
+        raise SettingsError("--gpus and --ram-gb describe a hypothetical machine (this one is probed): add --vram-gb N "
+                            "or --gpu-name NAME.")
+    if args.gpus is not None and not 1 <= args.gpus <= MAX_PLAN_GPUS:
         raise SettingsError(f"--gpus={args.gpus} is out of range: use 1 to {MAX_PLAN_GPUS}.")
-    if not 0 < args.ram_gb <= MAX_PLAN_RAM_GB:
+    if args.ram_gb is not None and not 0 < args.ram_gb <= MAX_PLAN_RAM_GB:
         raise SettingsError(f"--ram-gb={args.ram_gb:g} is out of range: use more than 0, up to {MAX_PLAN_RAM_GB} GB.")
     try:  # the same request rules as generate and the API
         validate_request(GenerationRequest(prompt="plan", width=args.width, height=args.height,
@@ -379,8 +400,10 @@ def _plan_throughput(args: argparse.Namespace):
     flags = ("tflops", "pcie_gbps", "memory_gbps")
     given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
     for name, value in given.items():
-        if not value > 0:
-            raise SettingsError(f"--{name.replace('_', '-')}={value:g} must be more than 0.")
+        low, high = PLAN_RATE_BOUNDS[name]
+        if not low <= value <= high:
+            raise SettingsError(f"--{name.replace('_', '-')}={value:g} is out of range: use {low:g} to {high:g} "
+                                f"({'TFLOP/s' if name == 'tflops' else 'GB/s'}).")
     if given and args.vram_gb is None and args.gpu_name is None:
         raise SettingsError("--tflops, --pcie-gbps and --memory-gbps describe a hypothetical card: add --vram-gb N "
                             "(or --gpu-name).")

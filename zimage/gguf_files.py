@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import first_line
+from .errors import first_line, shown
 from .planner import ComponentStats
 
 #: Quantization types ``make-demo --gguf`` writes (those the gguf package 0.19.0 quantizes in numpy).
@@ -60,12 +60,17 @@ def gguf_transformer_stats(path: Path) -> ComponentStats:
 def transformer_file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be used as ``--transformer-file`` (one line naming the setting and the fix), or None: it
     must be a readable GGUF file with tensors. Reads only the header. Never raises for these problems."""
-    setting = f"--transformer-file {str(path)!r} (ZIMAGE_TRANSFORMER_FILE)"
-    if path.is_dir():
-        return f"{setting} is a folder: give the .gguf file itself (e.g. z_image_turbo-Q8_0.gguf)."
-    if not path.is_file():
-        return (f"{setting} does not exist: give the path of a GGUF transformer (e.g. z_image_turbo-Q8_0.gguf), or "
-                "leave the setting out.")
+    setting = f"--transformer-file {shown(str(path), 200)} (ZIMAGE_TRANSFORMER_FILE)"
+    try:
+        if path.is_dir():
+            return f"{setting} is a folder: give the .gguf file itself (e.g. z_image_turbo-Q8_0.gguf)."
+        if not path.exists():
+            return (f"{setting} does not exist: give the path of a GGUF transformer (e.g. z_image_turbo-Q8_0.gguf), "
+                    "or leave the setting out.")
+        if not path.is_file():
+            return f"{setting} is not a regular file (a device, a pipe?): give a .gguf file."
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        return f"{setting} cannot be used ({exc.strerror or exc}): give the path of a .gguf file."
     try:
         gguf_transformer_stats(path)
     except OSError as exc:
@@ -75,6 +80,56 @@ def transformer_file_problem(path: Path) -> str | None:
     return None
 
 
+def layout_problem(path: Path, config: dict[str, Any], model: str) -> str | None:
+    """Why the tensors of the GGUF file ``path`` do not make the transformer of ``config`` (a
+    ``ZImageTransformer2DModel`` config; ``model`` names it in the message), or None.
+
+    Uses diffusers' own single-file conversion (``convert_z_image_transformer_checkpoint_to_diffusers``) on
+    shape-only tensors from the header (the meta device: nothing is read or allocated) and compares every name and
+    shape with the model built on the meta device. What diffusers' loader would otherwise report as "Cannot copy
+    out of meta tensor" after the slow load is said here, before it. Raises ValueError for an unreadable file
+    (:func:`transformer_file_problem` says that first)."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import ZImageTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    reader = _reader(path)
+    # GGUF lists dimensions innermost first; diffusers' GGUF loader reverses them the same way.
+    shapes = {tensor.name: torch.empty(tuple(int(d) for d in reversed(tensor.shape)), device="meta")
+              for tensor in reader.tensors}
+    setting = f"--transformer-file {path.name!r}"
+    try:
+        converted = convert_z_image_transformer_checkpoint_to_diffusers(shapes)
+    except Exception as exc:  # noqa: BLE001 - e.g. a fused qkv that does not split in three
+        return f"{setting} does not hold a Z-Image transformer ({type(exc).__name__}: {first_line(exc, 120)})."
+    with init_empty_weights():
+        expected = ZImageTransformer2DModel.from_config(config).state_dict()
+    missing = [name for name in expected if name not in converted]
+    unexpected = [name for name in converted if name not in expected]
+    wrong = [name for name in expected if name in converted and tuple(converted[name].shape) != tuple(expected[name].shape)]
+    if not (missing or unexpected or wrong):
+        return None
+    if wrong:
+        name = wrong[0]
+        detail = (f"{name} is {tuple(converted[name].shape)} where the model has {tuple(expected[name].shape)}"
+                  f"{f' ({len(wrong)} tensors differ)' if len(wrong) > 1 else ''}")
+    elif missing:
+        detail = f"it lacks {len(missing)} of the transformer's tensors, e.g. {missing[0]}"
+    else:
+        detail = f"it has {len(unexpected)} tensors the transformer does not, e.g. {unexpected[0]}"
+    return (f"{setting} is not a transformer of {model}: {detail}. Give the GGUF file made from this model's "
+            "transformer, or the --model it was made from.")
+
+
+def _count(n: int) -> str:
+    """A weight count for people: 6.15B, 2.1M, 512."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
 def mismatch_problem(gguf_stats: ComponentStats, model_stats: ComponentStats, name: str, model: str) -> str | None:
     """Why a GGUF transformer of ``gguf_stats`` does not belong to a model whose transformer is ``model_stats``
     (their weight counts differ by more than :data:`PARAMS_TOLERANCE`), or None. Pure."""
@@ -82,8 +137,8 @@ def mismatch_problem(gguf_stats: ComponentStats, model_stats: ComponentStats, na
         return None
     if abs(gguf_stats.params - model_stats.params) <= PARAMS_TOLERANCE * model_stats.params:
         return None
-    return (f"--transformer-file {name!r} holds {gguf_stats.params / 1e9:.2f}B weights, but the transformer of "
-            f"{model} has {model_stats.params / 1e9:.2f}B: it is not this model's transformer. Give the GGUF file "
+    return (f"--transformer-file {name!r} holds {_count(gguf_stats.params)} weights, but the transformer of "
+            f"{model} has {_count(model_stats.params)}: it is not this model's transformer. Give the GGUF file "
             "made from this model, or the --model it was made from.")
 
 
@@ -171,7 +226,7 @@ def estimated_gguf_stats(stats: ComponentStats, quant: str) -> ComponentStats:
     block size, e.g. Q8_0 34/32, Q4_0 18/32). A slight underestimate: published files keep norms and biases in F32.
     Raises ValueError naming the accepted types for any other ``quant``."""
     if quant not in DIFFUSERS_GGUF_TYPES:
-        raise ValueError(f"--gguf-quant {quant!r} is not a GGUF type diffusers can load: use one of "
+        raise ValueError(f"--gguf-quant {shown(quant)} is not a GGUF type diffusers can load: use one of "
                          f"{', '.join(DIFFUSERS_GGUF_TYPES)}.")
     import gguf
     from dataclasses import replace

@@ -785,8 +785,16 @@ def _choose(weighed: list[_Weighed]) -> tuple[_Weighed | None, str]:
     lossless = min((w for w in fitting if not w.lossy), key=speed, default=None)
     if lossless is None:
         return chosen, "nothing lossless fits"
-    gain = 1 - chosen.seconds / lossless.seconds
-    return chosen, f"{gain:.0%} faster than the fastest lossless one, {_describe(lossless.candidate)}"
+    return chosen, (f"{_speedup(lossless.seconds, chosen.seconds, up=True)} faster than the fastest lossless one, "
+                    f"{_describe(lossless.candidate)}")
+
+
+def _speedup(slower_s: float, faster_s: float, *, up: bool) -> str:
+    """How much faster ``faster_s`` is than ``slower_s`` as the rule measures it (slower / faster - 1), in percent
+    with one decimal, rounded up (``up``: a gain the rule counted as more than the tie share) or down (one it did
+    not), so that a message never shows 5.0% for a gain that was more than 5%, or 5.1% for one that was not."""
+    tenths = (slower_s / faster_s - 1) * 1000
+    return f"{(math.ceil(tenths - 1e-9) if up else math.floor(tenths + 1e-9)) / 10:.1f}%"
 
 
 def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSize = RequestSize(), *,
@@ -868,9 +876,9 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
         if lossy_why:
             reason += f" ({lossy_why})"
         if skipped:
-            gain = 1 - skipped[0].seconds / chosen.seconds
-            reason += (f"; {_describe(skipped[0].candidate)} ({skipped[0].seconds:.2f} s) is only {gain:.0%} faster, "
-                       f"less than the {TIME_TIE_SHARE:.0%} that more lossy storage must buy")
+            gain = _speedup(chosen.seconds, skipped[0].seconds, up=False)
+            reason += (f"; {_describe(skipped[0].candidate)} ({skipped[0].seconds:.2f} s) is only {gain} faster: more "
+                       f"lossy storage must buy more than {TIME_TIE_SHARE:.0%}")
         faster = [w for w in ranked if w.seconds < chosen.seconds and not w.fits]
         if faster:
             reason += (f"; {_describe(faster[0].candidate)} ({faster[0].seconds:.2f} s) would need "

@@ -67,26 +67,49 @@ def preflight(settings: Settings, probe: Callable | None = None) -> str | None:
     return setup_problem(settings, probe)
 
 
+def transformer_file_problem(settings: Settings) -> str | None:
+    """Why ``settings.transformer_file`` cannot be used with ``settings.model`` (one line), or None (also when there is
+    none): a readable GGUF file whose tensors make the model's transformer (:func:`zimage.gguf_files.layout_problem`
+    against :func:`zimage.loader.transformer_config_for`). Reads headers and small JSON files only."""
+    if settings.transformer_file is None:
+        return None
+    from pathlib import Path
+
+    from .gguf_files import layout_problem, transformer_file_problem as file_problem
+    from .loader import transformer_config_for
+
+    path = Path(settings.transformer_file).expanduser()
+    problem = file_problem(path)
+    if problem:
+        return problem
+    config, model = transformer_config_for(settings)
+    return layout_problem(path, config, model)
+
+
 def setup_problem(settings: Settings, probe: Callable | None = None) -> str | None:
     """The checks of :func:`preflight` that do not concern serving (also run by ``python -m zimage generate``
     before it loads the model): the GGUF transformer file is readable, the device, dtype and memory profile can
     work here, and a named attention kernel is installed. One line, or None. Never raises for these problems."""
-    if settings.transformer_file is not None:
-        from pathlib import Path
+    problem = transformer_file_problem(settings)
+    if problem:
+        return problem
+    from dataclasses import replace
 
-        from .gguf_files import transformer_file_problem
-
-        problem = transformer_file_problem(Path(settings.transformer_file).expanduser())
-        if problem:
-            return problem
     from .loader import plan_for
     from .planner import PUBLISHED_SIZES, PlanError
 
     if probe is None:
         from .hardware import probe_devices as probe
+    sizes = PUBLISHED_SIZES
+    if settings.transformer_file is not None:  # quantized: what the planner refuses with it (fp8-storage) shows here
+        from pathlib import Path
+
+        from .gguf_files import gguf_transformer_stats
+
+        sizes = replace(sizes, transformer=gguf_transformer_stats(Path(settings.transformer_file).expanduser()))
     try:
         # Only the errors matter here, and they do not depend on the model's sizes.
-        plan = plan_for(settings, probe(), PUBLISHED_SIZES)
+        plan = plan_for(settings, probe(), sizes)
     except PlanError as exc:
         return str(exc)
     from .attention import AttentionBackendError, choose_backend, module_installed

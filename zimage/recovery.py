@@ -74,7 +74,9 @@ def _leaner_plans(plan: MemoryPlan, sizes: ComponentSizes, request: RequestSize,
     # From model-offload itself the next rung is its fp8 variant, so the walk starts at the plan's own profile.
     order = _LEANER[_LEANER.index(plan.profile):] if plan.profile in _LEANER else _LEANER
     steps: list[tuple[MemoryPlan, str]] = []
-    fp8_possible = allow_fp8 and "fp8-storage" not in plan.options and plan.dtype != "fp32"
+    # Never for a GGUF transformer (already quantized: the planner refuses fp8-storage with it) nor in fp32.
+    fp8_possible = (allow_fp8 and "fp8-storage" not in plan.options and plan.dtype != "fp32"
+                    and sizes.transformer.stored_bytes is None)
     for profile in order:
         if request.controlnet and profile == "sequential-offload":
             continue  # cannot run a ControlNet (zimage.loader.place_mode_pipeline): not a rung for its requests

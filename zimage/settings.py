@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .errors import shown
 from .model_family import FAMILY_CHOICES
 
 DEFAULT_MODEL_ID = "Tongyi-MAI/Z-Image-Turbo"
@@ -160,6 +161,21 @@ class Settings:
         return "demo" if self.demo else self.model
 
 
+#: Limits of Linux file systems (NAME_MAX, PATH_MAX), in bytes of the UTF-8 name.
+NAME_MAX_BYTES = 255
+PATH_MAX_BYTES = 4096
+
+
+def path_length_problem(path: str) -> str | None:
+    """Why ``path`` is longer than a file system allows (its words, for an error message), or None."""
+    if len(path.encode("utf-8", "surrogatepass")) >= PATH_MAX_BYTES:
+        return f"is longer than the {PATH_MAX_BYTES - 1} bytes a path may have"
+    longest = max((len(part.encode("utf-8", "surrogatepass")) for part in path.split("/")), default=0)
+    if longest > NAME_MAX_BYTES:
+        return f"has a name of {longest} bytes, longer than the {NAME_MAX_BYTES} a file system allows"
+    return None
+
+
 def _validate(s: Settings) -> None:
     def choice(name: str, value: str, choices: Iterable[str]) -> None:
         if value not in choices:
@@ -168,6 +184,15 @@ def _validate(s: Settings) -> None:
                 f"(--{name.replace('_', '-')} or {ENV_PREFIX}{name.upper()})."
             )
 
+    # Paths the file system would refuse to even look at (a name longer than it allows): said here, not as an
+    # OSError from the first exists() somewhere later. The model is a path or a hub id: the same limits hold.
+    for f in dataclasses.fields(Settings):
+        value = getattr(s, f.name)
+        if isinstance(value, Path) or f.name == "model":
+            problem = path_length_problem(str(value))
+            if problem:
+                raise SettingsError(f"{f.name}={shown(str(value))} {problem} "
+                                    f"(--{f.name.replace('_', '-')} or {ENV_PREFIX}{f.name.upper()}).")
     # Every setting declared with choices (the flags' argparse checks them too; the ZIMAGE_* variables only here).
     for f in dataclasses.fields(Settings):
         if f.metadata.get("choices") and isinstance(getattr(s, f.name), str):

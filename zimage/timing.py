@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .errors import shown
+
 #: The transformer pads image and caption tokens to a multiple of this (diffusers' SEQ_MULTI_OF for Z-Image).
 SEQ_MULTIPLE = 32
 #: Caption tokens the planner assumes for the time model: a prompt of a few sentences with its chat template.
@@ -168,6 +170,8 @@ def find_gpu(name: str) -> GpuSpec:
     """The :data:`KNOWN_GPUS` entry ``name`` names: the whole name or the name without its memory ("RTX 4090",
     "A10", "L4"), spaces and case optional ("4060ti16gb"), or whole words of it ("4090", "4060 Ti"; "L40" is not
     "L40S"). Raises ValueError listing the known names when none match, or the matching ones when several do."""
+    # The names drivers and nvidia-smi report ("NVIDIA GeForce RTX 4090") carry words the table leaves out.
+    name = " ".join(word for word in name.split() if word.lower() not in ("nvidia", "geforce", "tesla"))
     wanted = _squash(name)
     full = lambda gpu: _squash(gpu.name)  # noqa: E731
     base = lambda gpu: _squash(gpu.name.rsplit(" ", 1)[0])  # noqa: E731 - without the memory
@@ -185,8 +189,8 @@ def find_gpu(name: str) -> GpuSpec:
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise ValueError(f"gpu name {name!r} matches several cards: {', '.join(gpu.name for gpu in matches)}; "
+        raise ValueError(f"gpu name {shown(name)} matches several cards: {', '.join(gpu.name for gpu in matches)}; "
                          "give more of the name.")
     known = ", ".join(gpu.name for gpu in KNOWN_GPUS)
-    raise ValueError(f"gpu name {name!r} is not in the table: use one of {known}, or give --vram-gb with --tflops, "
+    raise ValueError(f"gpu name {shown(name)} is not in the table: use one of {known}, or give --vram-gb with --tflops, "
                      "--pcie-gbps and --memory-gbps.")
