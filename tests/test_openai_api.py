@@ -85,20 +85,24 @@ def test_url_response_is_a_signed_link_that_expires(client, server) -> None:
 
 def test_bad_values_are_bad_request_errors_naming_the_value(client, server) -> None:
     invalid_before = server.metric('zimage_requests_total{outcome="invalid"}')
+    # error.param names the request field at fault in this API's terms (the service says width, OpenAI size).
     cases = [
-        ({"size": "1000x1000"}, "not a multiple of 16"),
-        ({"size": "big"}, "WIDTHxHEIGHT"),
-        ({"n": 9}, "n=9"),
-        ({"response_format": "jpeg"}, "response_format"),
-        ({"extra_body": {"steps": "8"}}, "steps='8'"),
-        ({"extra_body": {"loras": [{"name": "missing"}]}}, "missing"),
-        ({"extra_body": {"colour": "red"}}, "'colour'"),
+        ({"size": "1000x1000"}, "not a multiple of 16", "size"),
+        ({"size": "big"}, "WIDTHxHEIGHT", "size"),
+        ({"n": 9}, "n=9", "n"),
+        ({"response_format": "jpeg"}, "response_format", "response_format"),
+        ({"extra_body": {"steps": "8"}}, "steps='8'", "steps"),
+        ({"extra_body": {"steps": 8, "guidance_scale": 99}}, "guidance_scale=99", "guidance_scale"),
+        ({"extra_body": {"seed": -5}}, "seed=-5", "seed"),
+        ({"extra_body": {"loras": [{"name": "missing"}]}}, "missing", "loras"),
+        ({"extra_body": {"colour": "red"}}, "'colour'", "colour"),
     ]
-    for overrides, message in cases:
+    for overrides, message, param in cases:
         kwargs = {"prompt": "a cat", "size": "256x256", **overrides}
         with pytest.raises(openai.BadRequestError, match=message) as caught:
             client.images.generate(**kwargs)
         assert caught.value.status_code == 400 and caught.value.body["type"] == "invalid_request_error"
+        assert caught.value.body["param"] == param, (overrides, caught.value.body)
     assert server.metric('zimage_requests_total{outcome="invalid"}') == invalid_before + len(cases)
 
 
@@ -136,8 +140,13 @@ def test_edits_inpaint_with_an_openai_mask_and_image_to_image_without(client, tm
     assert metadata(varied)["strength"] == 0.5
     with open(tmp_path / "notes.png", "wb") as handle:
         handle.write(b"not an image")
-    with open(tmp_path / "notes.png", "rb") as image, pytest.raises(openai.BadRequestError, match="notes.png"):
+    with open(tmp_path / "notes.png", "rb") as image, pytest.raises(openai.BadRequestError, match="notes.png") as bad:
         client.images.edit(image=image, prompt="a cat")
+    assert bad.value.body["param"] == "image"
+    with open(source, "rb") as image, open(tmp_path / "notes.png", "rb") as mask_file, \
+            pytest.raises(openai.BadRequestError, match="notes.png") as bad:
+        client.images.edit(image=image, mask=mask_file, prompt="a cat")
+    assert bad.value.body["param"] == "mask"
 
 
 def test_a_full_queue_is_a_rate_limit_error_with_retry_after(client, server) -> None:

@@ -29,7 +29,15 @@ class ZImageError(Exception):
 
 
 class ValidationError(ZImageError):
-    """A request parameter is out of range; the message names the value and the allowed range."""
+    """A request parameter is out of range; the message names the value and the allowed range.
+
+    ``param`` names the request field at fault (GenerationRequest's name: ``width``, ``num_images``, ``image``, ...)
+    when one is, for APIs that report it apart from the message (OpenAI's ``error.param``); None otherwise.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelNotFoundError(ZImageError):
@@ -77,4 +85,8 @@ class StorageError(ZImageError):
 
 class LoraError(ValidationError):
     """A LoRA adapter cannot be used: not in the LoRA folder, not a .safetensors file, made for another model or
-    size, or refused by the memory placement. The message names the file and, where known, what it was made for."""
+    size, or refused by the memory placement. The message names the file and, where known, what it was made for.
+    Its ``param`` is ``loras``."""
+
+    def __init__(self, message: str, *, param: str | None = "loras") -> None:
+        super().__init__(message, param=param)

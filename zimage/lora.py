@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .errors import LoraError, ValidationError
+from .errors import LoraError
 from .errors import first_line as _first_line
 from .errors import shown as _shown
 
@@ -113,34 +113,34 @@ def validate_loras(value: Any) -> tuple[tuple[str, float], ...]:
 
     Types are refused, never coerced: a weight must be an int or float (not a bool, not a string), finite and in
     [-2, 2]; a name must be text and a plain file name; each name appears once. Returns the pairs as a tuple of
-    (str, float). Raises :class:`ValidationError` naming the value and what is allowed. Whether the names exist
+    (str, float). Raises :class:`LoraError` (a ValidationError) naming the value and what is allowed. Whether the names exist
     in the LoRA folder is checked when the job is submitted (:meth:`LoraFolder.check`).
     """
     if not isinstance(value, (tuple, list)):
-        raise ValidationError(f"loras={_shown(value)} must be a list of (name, weight) pairs, at most {MAX_LORAS}.")
+        raise LoraError(f"loras={_shown(value)} must be a list of (name, weight) pairs, at most {MAX_LORAS}.")
     if len(value) > MAX_LORAS:
-        raise ValidationError(f"loras has {len(value)} adapters: at most {MAX_LORAS} per request.")
+        raise LoraError(f"loras has {len(value)} adapters: at most {MAX_LORAS} per request.")
     checked: list[tuple[str, float]] = []
     for index, entry in enumerate(value):
         if not isinstance(entry, (tuple, list)) or len(entry) != 2:
-            raise ValidationError(f"loras[{index}]={_shown(entry)} must be a (name, weight) pair, e.g. "
+            raise LoraError(f"loras[{index}]={_shown(entry)} must be a (name, weight) pair, e.g. "
                                   "('my-style', 0.8).")
         name, weight = entry
         if not isinstance(name, str):
-            raise ValidationError(f"LoRA name {_shown(name)} must be text: the file's name in the LoRA folder "
+            raise LoraError(f"LoRA name {_shown(name)} must be text: the file's name in the LoRA folder "
                                   "without .safetensors.")
         problem = name_problem(name)
         if problem:
-            raise ValidationError(f"LoRA name {_shown(name)} {problem}: use the file's name in the LoRA folder "
+            raise LoraError(f"LoRA name {_shown(name)} {problem}: use the file's name in the LoRA folder "
                                   "without .safetensors.")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-            raise ValidationError(f"LoRA weight {_shown(weight)} for {name!r} must be a number from {MIN_WEIGHT:g} "
+            raise LoraError(f"LoRA weight {_shown(weight)} for {name!r} must be a number from {MIN_WEIGHT:g} "
                                   f"to {MAX_WEIGHT:g} (1 is the adapter's full strength, 0 switches it off).")
         if not (math.isfinite(weight) and MIN_WEIGHT <= weight <= MAX_WEIGHT):
-            raise ValidationError(f"LoRA weight {weight!r} for {name!r} is out of range: use a number from "
+            raise LoraError(f"LoRA weight {weight!r} for {name!r} is out of range: use a number from "
                                   f"{MIN_WEIGHT:g} to {MAX_WEIGHT:g} (1 is the adapter's full strength).")
         if any(name == seen for seen, _ in checked):
-            raise ValidationError(f"LoRA {name!r} is listed twice: give each adapter once, with one weight.")
+            raise LoraError(f"LoRA {name!r} is listed twice: give each adapter once, with one weight.")
         checked.append((name, float(weight)))
     return tuple(checked)
 

@@ -83,6 +83,16 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+#: The service's request fields that OpenAI's Images API names otherwise (the rest keep their names: the extensions
+#: steps, seed, guidance_scale, negative_prompt, loras; prompt, image and mask as in OpenAI's edits).
+OPENAI_PARAM = {"width": "size", "height": "size", "num_images": "n"}
+
+
+def openai_param(param: str | None) -> str | None:
+    """The field of this API's request that a service :class:`ValidationError`'s ``param`` stands for (None: none)."""
+    return OPENAI_PARAM.get(param, param) if param is not None else None
+
+
 def parse_size(value: Any) -> tuple[int | None, int | None]:
     """``"WIDTHxHEIGHT"`` to (width, height); ``None`` or ``"auto"`` to (None, None): the default size.
 
@@ -198,7 +208,7 @@ def build_router(service: GenerationService, settings: Settings, *, replica_id: 
             raise ApiError(429, str(exc), type_="rate_limit_error", code="queue_full",
                            retry_after_s=exc.retry_after_s, counted=True) from None
         except ValidationError as exc:
-            raise ApiError(400, str(exc), counted=True) from None
+            raise ApiError(400, str(exc), param=openai_param(exc.param), counted=True) from None
         except ServiceNotReady as exc:
             raise ApiError(503, str(exc), type_="server_error", code="not_ready",
                            retry_after_s=NOT_READY_RETRY_S, counted=True) from None
@@ -356,18 +366,24 @@ def _edit_request(fields: dict, uploads: dict[str, tuple[bytes, str]], settings:
                            param="loras") from None
     try:
         source = read_image(uploads["image"][0], uploads["image"][1], max_bytes=max_bytes)
-        width, height = parse_size(fields.get("size"))
-        if width is None:
-            from .uploads import nearest_valid_size
+    except ValidationError as exc:
+        raise ApiError(400, str(exc), param="image") from None
+    width, height = parse_size(fields.get("size"))
+    if width is None:
+        from .uploads import nearest_valid_size
 
-            width, height = nearest_valid_size(*source.image.size)
-        fields = {**fields, "size": f"{width}x{height}"} if isinstance(width, int) else fields
-        mask = uploads.get("mask")
+        width, height = nearest_valid_size(*source.image.size)
+    fields = {**fields, "size": f"{width}x{height}"} if isinstance(width, int) else fields
+    mask = uploads.get("mask")
+    try:
         if mask is not None:
             mask = (_openai_mask(mask[0], mask[1], max_bytes), mask[1])
+    except ValidationError as exc:
+        raise ApiError(400, str(exc), param="mask") from None
+    try:
         read = prepare_inputs(width, height, max_bytes=max_bytes, image=uploads["image"], mask=mask)
     except ValidationError as exc:
-        raise ApiError(400, str(exc)) from None
+        raise ApiError(400, str(exc), param=openai_param(exc.param)) from None
     return request_from(fields, _EDIT_FIELDS, "/v1/images/edits", inputs=read.inputs, **read.fields)
 
 

@@ -233,58 +233,61 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
                       guidance_scale=defaults.guidance_scale if request.guidance_scale is None
                       else request.guidance_scale)
     if not isinstance(request.prompt, str):
-        raise ValidationError(f"prompt={_shown(request.prompt)} must be text.")
+        raise ValidationError(f"prompt={_shown(request.prompt)} must be text.", param="prompt")
     prompt = request.prompt.strip()
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValidationError(f"prompt has a character that is not valid text at position {exc.start} (a lone "
-                              "surrogate): send the prompt as UTF-8.") from None
+                              "surrogate): send the prompt as UTF-8.", param="prompt") from None
     if not prompt:
-        raise ValidationError("prompt is empty: describe the image you want.")
+        raise ValidationError("prompt is empty: describe the image you want.", param="prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValidationError(f"prompt is {len(prompt)} characters long: the limit is {MAX_PROMPT_CHARS} "
-                              f"(and the text encoder reads only its first {MAX_PROMPT_TOKENS} tokens).")
+                              f"(and the text encoder reads only its first {MAX_PROMPT_TOKENS} tokens).",
+                              param="prompt")
     for name in ("width", "height"):
         value = getattr(request, name)
         if not _is_whole_number(value):
-            raise ValidationError(f"{name}={_shown(value)} must be a whole number of pixels.")
+            raise ValidationError(f"{name}={_shown(value)} must be a whole number of pixels.", param=name)
         if not MIN_SIDE_PX <= value <= MAX_SIDE_PX:
-            raise ValidationError(f"{name}={value} is out of range: use {MIN_SIDE_PX} to {MAX_SIDE_PX} pixels.")
+            raise ValidationError(f"{name}={value} is out of range: use {MIN_SIDE_PX} to {MAX_SIDE_PX} pixels.",
+                                  param=name)
         if value % SIDE_MULTIPLE_PX:
             raise ValidationError(f"{name}={value} is not a multiple of {SIDE_MULTIPLE_PX}: use "
-                                  f"{_nearest_multiples(value)}.")
+                                  f"{_nearest_multiples(value)}.", param=name)
     if not _is_whole_number(request.steps):
         raise ValidationError(f"steps={_shown(request.steps)} must be a whole number from {MIN_STEPS} to {MAX_STEPS} "
-                              f"({defaults.name}'s default is {defaults.steps}).")
+                              f"({defaults.name}'s default is {defaults.steps}).", param="steps")
     if not MIN_STEPS <= request.steps <= MAX_STEPS:
         raise ValidationError(f"steps={request.steps} is out of range: use a whole number from {MIN_STEPS} to "
-                              f"{MAX_STEPS} ({defaults.name}'s default is {defaults.steps}).")
+                              f"{MAX_STEPS} ({defaults.name}'s default is {defaults.steps}).", param="steps")
     guidance = request.guidance_scale
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool):
         raise ValidationError(f"guidance_scale={_shown(guidance)} must be a number from 0 to {MAX_GUIDANCE:g} "
-                              f"({defaults.name}'s default is {defaults.guidance_scale:g}).")
+                              f"({defaults.name}'s default is {defaults.guidance_scale:g}).", param="guidance_scale")
     if not 0 <= guidance <= MAX_GUIDANCE:
         raise ValidationError(f"guidance_scale={_shown(guidance)} is out of range: use 0 to {MAX_GUIDANCE:g} "
-                              f"({defaults.name}'s default is {defaults.guidance_scale:g}).")
+                              f"({defaults.name}'s default is {defaults.guidance_scale:g}).", param="guidance_scale")
     negative_prompt = _validate_negative_prompt(request.negative_prompt)
     if not _is_whole_number(request.num_images):
-        raise ValidationError(f"num_images={_shown(request.num_images)} must be a whole number from 1 to {MAX_IMAGES}.")
+        raise ValidationError(f"num_images={_shown(request.num_images)} must be a whole number from 1 to {MAX_IMAGES}.",
+                              param="num_images")
     if not 1 <= request.num_images <= MAX_IMAGES:
         raise ValidationError(f"num_images={request.num_images} is out of range: use a whole number from 1 to "
-                              f"{MAX_IMAGES}.")
+                              f"{MAX_IMAGES}.", param="num_images")
     seed = request.seed
     if seed is None:
         seed = (draw_seed or (lambda: secrets.randbelow(MAX_SEED + 1 - MAX_IMAGES)))()
     if not _is_whole_number(seed):
         raise ValidationError(f"seed={_shown(seed)} must be a whole number from 0 to {MAX_SEED}, or empty (-1 in "
-                              "the page and the API) for a random seed.")
+                              "the page and the API) for a random seed.", param="seed")
     if not 0 <= seed <= MAX_SEED:
         raise ValidationError(f"seed={_shown(seed)} is out of range: use a whole number from 0 to {MAX_SEED}, or "
-                              "leave it empty (-1 in the page and the API) for a random seed.")
+                              "leave it empty (-1 in the page and the API) for a random seed.", param="seed")
     if seed + request.num_images - 1 > MAX_SEED:
         raise ValidationError(f"seed={seed} with num_images={request.num_images} runs past {MAX_SEED} "
-                              "(image i uses seed + i): use a smaller seed.")
+                              "(image i uses seed + i): use a smaller seed.", param="seed")
     request = replace(request, loras=validate_loras(request.loras))  # names are checked against the folder at submit
     return replace(request, prompt=prompt, seed=seed, guidance_scale=float(guidance), negative_prompt=negative_prompt,
                    **_validate_inputs(request))
@@ -293,15 +296,17 @@ def validate_request(request: GenerationRequest, *, draw_seed: Callable[[], int]
 def _validate_negative_prompt(value: Any) -> str:
     """The negative prompt trimmed ("" when none); text under the prompt's limits."""
     if not isinstance(value, str):
-        raise ValidationError(f"negative_prompt={_shown(value)} must be text (empty for none).")
+        raise ValidationError(f"negative_prompt={_shown(value)} must be text (empty for none).",
+                              param="negative_prompt")
     text = value.strip()
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValidationError(f"negative_prompt has a character that is not valid text at position {exc.start} (a "
-                              "lone surrogate): send it as UTF-8.") from None
+                              "lone surrogate): send it as UTF-8.", param="negative_prompt") from None
     if len(text) > MAX_PROMPT_CHARS:
-        raise ValidationError(f"negative_prompt is {len(text)} characters long: the limit is {MAX_PROMPT_CHARS}.")
+        raise ValidationError(f"negative_prompt is {len(text)} characters long: the limit is {MAX_PROMPT_CHARS}.",
+                              param="negative_prompt")
     return text
 
 
@@ -317,49 +322,54 @@ def _validate_inputs(request: GenerationRequest) -> dict[str, Any]:
     fields to set: ``strength`` (None for text, ControlNet and ControlNet inpainting) and
     ``controlnet_conditioning_scale`` (None without a control image)."""
     if request.mask is not None and request.image is None:
-        raise ValidationError("a mask needs an image to repaint: send the image too (inpainting).")
+        raise ValidationError("a mask needs an image to repaint: send the image too (inpainting).", param="image")
     control = request.control_image is not None
     if control and request.image is not None and request.mask is None:
         raise ValidationError("a control image with an input image but no mask: diffusers has no ControlNet "
                               "image-to-image for Z-Image. Send a mask too (ControlNet inpainting), or leave the "
-                              "input image out (ControlNet from the prompt).")
+                              "input image out (ControlNet from the prompt).", param="mask")
     for name, picture in (("image", request.image), ("mask", request.mask), ("control image", request.control_image)):
         if picture is not None and tuple(getattr(picture, "size", ())) != (request.width, request.height):
             raise ValidationError(f"the {name} is {getattr(picture, 'size', '?')} but the request is "
-                                  f"{request.width}x{request.height}: resize it to the request's size.")
+                                  f"{request.width}x{request.height}: resize it to the request's size.",
+                                  param=name.replace(" ", "_"))
     scale = request.controlnet_conditioning_scale
     if not control:
         if scale is not None:
             raise ValidationError(f"controlnet_conditioning_scale={_shown(scale)} applies only with a control image: "
-                                  "send one, or leave the scale out.")
+                                  "send one, or leave the scale out.", param="controlnet_conditioning_scale")
     else:
         scale = render.DEFAULT_CONTROLNET_SCALE if scale is None else scale
         if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
                 or not MIN_CONTROLNET_SCALE <= scale <= MAX_CONTROLNET_SCALE):
             raise ValidationError(f"controlnet_conditioning_scale={_shown(scale)} is out of range: use "
                                   f"{MIN_CONTROLNET_SCALE:g} to {MAX_CONTROLNET_SCALE:g} (how strongly the control "
-                                  f"image steers; default {render.DEFAULT_CONTROLNET_SCALE:g}, 0 ignores it).")
+                                  f"image steers; default {render.DEFAULT_CONTROLNET_SCALE:g}, 0 ignores it).",
+                                  param="controlnet_conditioning_scale")
         scale = float(scale)
     if request.image is None or control:
         if request.strength is not None and request.image is not None:
             raise ValidationError(f"strength={_shown(request.strength)} does not apply to ControlNet inpainting "
                                   "(diffusers' ZImageControlNetInpaintPipeline has no strength: the masked area is "
-                                  "repainted in full): leave strength out.")
+                                  "repainted in full): leave strength out.", param="strength")
         if request.strength is not None:
             raise ValidationError(f"strength={_shown(request.strength)} applies to image-to-image and inpainting: "
-                                  "send an image, or leave strength out.")
+                                  "send an image, or leave strength out.", param="strength")
         return {"strength": None, "controlnet_conditioning_scale": scale}
     strength = DEFAULT_STRENGTH[request.mode] if request.strength is None else request.strength
     if not isinstance(strength, (int, float)) or isinstance(strength, bool):
         raise ValidationError(f"strength={_shown(strength)} must be a number: more than 0 and at most 1 (how much of "
-                              "the input is repainted; default 0.6 for image-to-image, 1.0 for inpainting).")
+                              "the input is repainted; default 0.6 for image-to-image, 1.0 for inpainting).",
+                              param="strength")
     if not 0 < strength <= 1:
         raise ValidationError(f"strength={_shown(strength)} is out of range: use more than 0 and at most 1 (how much "
-                              "of the input is repainted; default 0.6 for image-to-image, 1.0 for inpainting).")
+                              "of the input is repainted; default 0.6 for image-to-image, 1.0 for inpainting).",
+                              param="strength")
     if render.steps_run(request.steps, strength) < 1:
         # diffusers skips the first (1 - strength) of the schedule: nothing would be left to run.
         raise ValidationError(f"strength={_shown(strength)} with steps={request.steps} runs no denoising step: use a "
-                              f"strength of at least {1 / request.steps:.3g} (1/steps), or more steps.")
+                              f"strength of at least {1 / request.steps:.3g} (1/steps), or more steps.",
+                              param="strength")
     return {"strength": float(strength), "controlnet_conditioning_scale": None}
 
 

@@ -169,23 +169,31 @@ def prepare_inputs(width: int, height: int, *, max_bytes: int, image: tuple[byte
                    mask_layers: list[tuple[bytes, str]] | None = None) -> PreparedInputs:
     """Read a request's uploaded files, each given as (bytes, file name): the input image and the control image
     fitted to ``width`` x ``height``, the mask (a file, or the painted layers of an image editor) binarised at
-    that size. Raises :class:`ValidationError` naming the file and the fix."""
+    that size. Raises :class:`ValidationError` naming the file and the fix (its ``param``: the file's role)."""
     fields: dict[str, Any] = {}
     inputs: list[tuple[str, str, str]] = []
     notes: list[str] = []
     for role, given in (("image", image), ("control_image", control_image)):
         if given is None:
             continue
-        source = read_image(given[0], given[1], max_bytes=max_bytes)
+        try:
+            source = read_image(given[0], given[1], max_bytes=max_bytes)
+        except ValidationError as exc:
+            raise ValidationError(str(exc), param=role) from None
         fields[role], note = fit_to_size(source.image, width, height, given[1])
         inputs.append((given[1], source.sha256, role))
         notes.extend([note] if note else [])
-    if mask_layers is not None:
-        painted = read_layers_mask(mask_layers, max_bytes=max_bytes, size=(width, height))
+    try:
+        painted = (read_layers_mask(mask_layers, max_bytes=max_bytes, size=(width, height))
+                   if mask_layers is not None else None)
+        read = (read_mask(mask[0], mask[1], max_bytes=max_bytes, size=(width, height))
+                if mask is not None and mask_layers is None else None)  # painted layers take precedence
+    except ValidationError as exc:
+        raise ValidationError(str(exc), param="mask") from None
+    if painted is not None:
         fields["mask"] = painted.image
         inputs.append((painted.name, painted.sha256, "mask"))
-    elif mask is not None:
-        read = read_mask(mask[0], mask[1], max_bytes=max_bytes, size=(width, height))
+    elif read is not None:
         fields["mask"] = read.image
         inputs.append((mask[1], read.sha256, "mask"))
         if read.original_size != (width, height):
