@@ -135,11 +135,11 @@ def _rewrite(source: Path, target: Path, keep=lambda index, name: True, rename=l
 def test_every_unusable_transformer_file_is_one_line_naming_it(model_dir: Path, tmp_path: Path) -> None:
     """Found by a user: a 4-byte 'GGUF' file, a GGUF without tensors, a folder, tensors that do not make the model's
     transformer, or another model's file gave tracebacks or 'does not exist'."""
-    from zimage.gguf_files import load_gguf_transformer, mismatch_problem, transformer_file_problem
+    from zimage.gguf_files import gguf_file_problem, load_gguf_transformer, mismatch_problem
     from zimage.loader import component_sizes, resolve_model_source
 
     good = model_dir / "transformer-Q8_0.gguf"
-    assert transformer_file_problem(good) is None
+    assert gguf_file_problem(good) is None
     (tmp_path / "four.gguf").write_bytes(b"GGUF")
     (tmp_path / "empty.gguf").write_bytes(b"")
     (tmp_path / "folder.gguf").mkdir()
@@ -149,7 +149,7 @@ def test_every_unusable_transformer_file_is_one_line_naming_it(model_dir: Path, 
                            (tmp_path / "folder.gguf", "is a folder: give the .gguf file itself"),
                            (tmp_path / "gone.gguf", "does not exist"),
                            (no_tensors, "none.gguf is a GGUF file without tensors")]:
-        problem = transformer_file_problem(path)
+        problem = gguf_file_problem(path)
         assert problem and expected in problem and "--transformer-file" in problem, problem
         assert "\n" not in problem
     # Tensors missing or misnamed: found from the header with diffusers' own conversion before anything loads, and
@@ -162,7 +162,7 @@ def test_every_unusable_transformer_file_is_one_line_naming_it(model_dir: Path, 
                            "it lacks 1 of the transformer's tensors"),
                           (_rewrite(good, tmp_path / "renamed.gguf", rename=lambda name: "x" + name),
                            "it lacks 73 of the transformer's tensors")]:
-        assert transformer_file_problem(bad) is None  # the header is fine ...
+        assert gguf_file_problem(bad) is None  # the header is fine ...
         assert expected in layout_problem(bad, TINY.transformer, "the demo model")  # ... its tensors are not
         with pytest.raises(ValueError, match="its tensors do not make this model's transformer"):
             load_gguf_transformer(bad, str(model_dir), __import__("torch").bfloat16)

@@ -57,7 +57,7 @@ def gguf_transformer_stats(path: Path) -> ComponentStats:
     return replace(stats, stored_bytes=sum(int(tensor.n_bytes) for tensor in reader.tensors))
 
 
-def transformer_file_problem(path: Path) -> str | None:
+def gguf_file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be used as ``--transformer-file`` (one line naming the setting and the fix), or None: it
     must be a readable GGUF file with tensors. Reads only the header. Never raises for these problems."""
     setting = f"--transformer-file {shown(str(path), 200)} (ZIMAGE_TRANSFORMER_FILE)"
@@ -88,7 +88,7 @@ def layout_problem(path: Path, config: dict[str, Any], model: str) -> str | None
     shape-only tensors from the header (the meta device: nothing is read or allocated) and compares every name and
     shape with the model built on the meta device. What diffusers' loader would otherwise report as "Cannot copy
     out of meta tensor" after the slow load is said here, before it. Raises ValueError for an unreadable file
-    (:func:`transformer_file_problem` says that first)."""
+    (:func:`gguf_file_problem` says that first)."""
     import torch
     from accelerate import init_empty_weights
     from diffusers import ZImageTransformer2DModel

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .demo_model import DEMO_CONTROLNET_DIRNAME, demo_model_path, ensure_demo_model
-from .errors import ModelNotFoundError, first_line, shown
+from .errors import ModelNotFoundError, first_line
 from .model_family import ModelDefaults, defaults_for, detect_family
 from .model_files import controlnet_stats, find_local_model_folder, looks_like_local_path, sizes_for
 from .planner import (
@@ -84,10 +84,10 @@ def resolve_model_source(settings: Settings) -> ModelSource:
     source = _resolve_model_source(settings)
     if settings.transformer_file is None:
         return source
-    from .gguf_files import transformer_file_problem
+    from .gguf_files import gguf_file_problem
 
     path = Path(settings.transformer_file).expanduser()
-    problem = transformer_file_problem(path)
+    problem = gguf_file_problem(path)
     if problem:
         raise ModelNotFoundError(problem)
     return replace(source, transformer_file=path, label=f"{source.label} + {path.name}")
@@ -105,21 +105,6 @@ def _resolve_model_source(settings: Settings) -> ModelSource:
                                                     "it is not a diffusers pipeline folder"))
     return ModelSource(str(folder) if folder is not None and Path(settings.model).expanduser().is_dir()
                        else settings.model, settings.model, folder)
-
-
-def transformer_config_for(settings: Settings) -> tuple[dict[str, Any], str]:
-    """The transformer config a ``--transformer-file`` must match, and the model's name for messages: the demo
-    architecture, a local (or cached) folder's ``transformer/config.json``, else Z-Image-Turbo's published config
-    (the base model has the same architecture). Reads only small JSON files; never downloads."""
-    from .architecture import PUBLISHED, TINY
-
-    if settings.demo:
-        return dict(TINY.transformer), "the demo model"
-    folder = find_local_model_folder(settings.model)
-    config_file = folder / "transformer" / "config.json" if folder is not None else None
-    if config_file is not None and config_file.is_file():
-        return json.loads(config_file.read_text()), shown(settings.model, 200)
-    return dict(PUBLISHED.transformer), f"{shown(settings.model, 200)} (its published architecture)"
 
 
 def _not_found_message(model: str, cause: str) -> str:

@@ -355,19 +355,26 @@ def fit_problem(converted: Mapping[str, tuple[int, ...]], modules: ModuleTable) 
 # --- Files: the adapter parts (torch, diffusers) ------------------------------------------------------
 
 def transformer_config_for(settings: Any) -> dict[str, Any]:
-    """The transformer config a LoRA is checked against before the model is loaded: the demo's, a local model
-    folder's ``transformer/config.json``, or the published Z-Image-Turbo one."""
+    """The transformer config a LoRA (or a GGUF transformer file) is checked against before the model is loaded:
+    see :func:`transformer_config_origin`."""
+    return transformer_config_origin(settings)[0]
+
+
+def transformer_config_origin(settings: Any) -> tuple[dict[str, Any], str]:
+    """The transformer config of ``settings``' model before it is loaded, and where it came from: ``"demo"`` (the
+    demo architecture), ``"folder"`` (a local or cached folder's ``transformer/config.json``) or ``"published"``
+    (Z-Image-Turbo's published config; the base model has the same architecture). Never downloads."""
     from .architecture import PUBLISHED, TINY
 
     if settings.demo:
-        return dict(TINY.transformer)
+        return dict(TINY.transformer), "demo"
     from .model_files import find_local_model_folder
 
     folder = find_local_model_folder(settings.model)
     config = folder / "transformer" / "config.json" if folder is not None else None
     if config is not None and config.is_file():
-        return json.loads(config.read_text(encoding="utf-8"))
-    return dict(PUBLISHED.transformer)
+        return json.loads(config.read_text(encoding="utf-8")), "folder"
+    return dict(PUBLISHED.transformer), "published"
 
 
 def transformer_modules(config: Mapping[str, Any]) -> dict[str, tuple[int, int] | None]:

@@ -72,8 +72,6 @@ MIB = 1024**2
 
 PROFILES_FASTEST_FIRST = ("full", "balanced", "transformer-resident", "model-offload", "group-offload",
                           "sequential-offload")
-#: Placements that stream the transformer's blocks from RAM at every step.
-STREAMING_PROFILES = ("group-offload", "sequential-offload")
 #: A lossy option must make a placement predicted faster than this share to be chosen over one without it: the time
 #: model's own error is about this size (its target is 10%), so a smaller gain is no reason to change pixels.
 TIME_TIE_SHARE = 0.05

@@ -70,19 +70,23 @@ def preflight(settings: Settings, probe: Callable | None = None) -> str | None:
 def transformer_file_problem(settings: Settings) -> str | None:
     """Why ``settings.transformer_file`` cannot be used with ``settings.model`` (one line), or None (also when there is
     none): a readable GGUF file whose tensors make the model's transformer (:func:`zimage.gguf_files.layout_problem`
-    against :func:`zimage.loader.transformer_config_for`). Reads headers and small JSON files only."""
+    against :func:`zimage.lora.transformer_config_origin`, the config LoRAs are checked against too). Reads headers
+    and small JSON files only."""
     if settings.transformer_file is None:
         return None
     from pathlib import Path
 
-    from .gguf_files import layout_problem, transformer_file_problem as file_problem
-    from .loader import transformer_config_for
+    from .gguf_files import gguf_file_problem, layout_problem
+    from .errors import shown
+    from .lora import transformer_config_origin
 
     path = Path(settings.transformer_file).expanduser()
-    problem = file_problem(path)
+    problem = gguf_file_problem(path)
     if problem:
         return problem
-    config, model = transformer_config_for(settings)
+    config, origin = transformer_config_origin(settings)
+    model = {"demo": "the demo model", "folder": shown(settings.model, 200),
+             "published": f"{shown(settings.model, 200)} (its published architecture)"}[origin]
     return layout_problem(path, config, model)
 
 
