@@ -201,6 +201,9 @@ def test_inpainting_upload_paint_a_mask_generate(browser, server, tmp_path: Path
     open_page(page, server)
     page.locator("#prompt textarea").fill("a window in the wall")
     page.get_by_role("tab", name="Inpainting").click()
+    # Gradio's editor drops a file given before its canvas is drawn (slow on a loaded 2-core machine, where
+    # Chromium renders WebGL in software): wait for the canvas, as a person waits to see the editor.
+    page.locator("#inpaint-editor canvas").first.wait_for(timeout=60_000)
     page.locator("#inpaint-editor input[type=file]").set_input_files(str(source))
     _wait_for_size(page, 320, 256)  # the size follows the uploaded image
     canvas = page.locator("#inpaint-editor canvas").first
