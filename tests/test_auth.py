@@ -132,7 +132,12 @@ def test_routes_refuse_requests_without_credentials(server, method: str, path: s
     else:
         status, headers, text = post_json(server.url + path, body)
     assert status == 401, (path, status, text)
-    assert json.loads(text)["error"] == "Not authenticated"
+    if path.startswith("v1/"):  # the REST API refuses in OpenAI's error shape, as it answers its own errors
+        error = json.loads(text)["error"]
+        assert error["code"] == "not_authenticated" and "--api-key" in error["message"]
+        assert set(error) == {"message", "type", "param", "code"}
+    else:
+        assert json.loads(text)["error"] == "Not authenticated"
     # A made-up or stale session does not help either.
     status, _, _ = request(server.url + path, method, {"Cookie": f"{SESSION_COOKIE}=forged-token"},
                            None if body is None else json.dumps(body).encode())
@@ -184,6 +189,20 @@ def test_basic_credentials_open_metrics_and_the_api(server) -> None:
     assert request(server.url + "metrics", headers=basic("bob", PASSWORD))[0] == 401  # pairs do not mix
     assert request(server.url + "metrics", headers={"Authorization": "Basic !!notbase64"})[0] == 401
     assert request(server.url + "metrics", headers={"Authorization": "Bearer " + PASSWORD})[0] == 401
+
+
+@pytest.mark.server
+def test_the_openai_client_reads_the_sign_in_refusal_and_passes_with_basic_credentials(server) -> None:
+    import openai
+
+    refused = openai.OpenAI(base_url=server.url + "v1", api_key="no-key-on-this-server", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        refused.models.list()
+    assert caught.value.code == "not_authenticated" and "sign-in" in caught.value.message
+    # The fix the message gives: the SDK's default_headers replace its Bearer header with Basic credentials.
+    signed_in = openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0,
+                              default_headers=basic())
+    assert [model.id for model in signed_in.models.list()] == ["demo"]
 
 
 @pytest.mark.server

@@ -245,6 +245,11 @@ def _json(status: int, body: dict, headers: dict | None = None) -> Any:
     return JSONResponse(body, status_code=status, headers={"cache-control": "no-store", **(headers or {})})
 
 
+def _openai_error(message: str, type_: str, code: str) -> dict:
+    """OpenAI's error body (``{"error": {"message", "type", "param", "code"}}``), as the REST API answers."""
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The guard
 
@@ -253,8 +258,11 @@ class Guard:
     """Who may use the app. ``enabled`` is False when no ``user:password`` pair is configured."""
 
     def __init__(self, pairs: Sequence[tuple[str, str]], *, metrics_public: bool = False,
-                 failure_delay_s: float = FAILURE_DELAY_S, open_prefixes: tuple[str, ...] = ()) -> None:
-        """``open_prefixes``: paths that check their own credentials (the REST API with its API key)."""
+                 failure_delay_s: float = FAILURE_DELAY_S, open_prefixes: tuple[str, ...] = (),
+                 openai_prefixes: tuple[str, ...] = ()) -> None:
+        """``open_prefixes``: paths that check their own credentials (the REST API with its API key);
+        ``openai_prefixes``: paths whose refusals are in OpenAI's error shape (the REST API behind the sign-in),
+        so its clients read them as they read the API's own errors."""
         self.enabled = bool(pairs)
         self.credentials = Credentials(pairs)
         self.sessions = Sessions()
@@ -262,6 +270,7 @@ class Guard:
         self.failure_delay_s = failure_delay_s
         self.public_paths = PUBLIC_PATHS | ({"/metrics"} if metrics_public else frozenset())
         self.open_prefixes = open_prefixes
+        self.openai_prefixes = openai_prefixes
 
     # -- identification -----------------------------------------------------------------------------
 
@@ -299,14 +308,22 @@ class Guard:
             if next_url != "/":
                 location += "?" + urllib.parse.urlencode({"next": next_url})
             return RedirectResponse(location, status_code=303, headers={"cache-control": "no-store"})
+        if _app_path(scope).startswith(self.openai_prefixes):
+            return _json(401, _openai_error(
+                "Not signed in: this server's REST API sits behind its sign-in. Send HTTP Basic credentials of a "
+                "user:password pair (openai SDK: default_headers={'Authorization': 'Basic ...'}), or ask the "
+                "operator to start it with --api-key and send that key as the SDK's api_key.",
+                "invalid_request_error", "not_authenticated"))
         return _json(401, {"error": "Not authenticated",
                            "detail": "Sign in at /login (gradio_client: Client(url, auth=(user, password))) "
                                      "or send HTTP Basic credentials."})
 
-    @staticmethod
-    def _too_many(scope: dict, wait_s: float) -> Any:
+    def _too_many(self, scope: dict, wait_s: float) -> Any:
         seconds = max(1, int(wait_s + 0.999))
         message = f"Too many failed sign-ins from this address: try again in {seconds} s."
+        if _app_path(scope).startswith(self.openai_prefixes):
+            return _json(429, _openai_error(message, "rate_limit_error", "too_many_failed_sign_ins"),
+                         headers={"retry-after": str(seconds)})
         if "text/html" in (_header(scope, b"accept") or ""):
             from starlette.responses import HTMLResponse
 

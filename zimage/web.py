@@ -831,7 +831,8 @@ def build_app(settings: Settings, service: GenerationService) -> Any:
 
     # The REST API checks its own Bearer key; without one it sits behind the sign-in like everything else.
     guard = zauth.Guard(read_auth_pairs(settings), metrics_public=settings.metrics_public,
-                        open_prefixes=("/v1/",) if settings.api_key else ("/v1/files/",))  # a signed link is a credential
+                        open_prefixes=("/v1/",) if settings.api_key else ("/v1/files/",),  # a signed link is a credential
+                        openai_prefixes=("/v1/",))
     app.include_router(build_router(service, settings, ui_auth=guard.enabled))
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])  # load balancers often check with HEAD
