@@ -61,6 +61,7 @@ def test_the_single_machine_app_never_imports_ray() -> None:
     ({"replicas": 0}, "replicas=0 is out of range: use a whole number from 1 to 1000 (--replicas)"),
     ({"min_replicas": 1}, "autoscaling needs both --min-replicas and --max-replicas"),
     ({"min_replicas": 3, "max_replicas": 2}, "min_replicas=3 is above max_replicas=2"),
+    ({"replicas": 2, "min_replicas": 1, "max_replicas": 4}, "replicas=2 is a fixed count, and --min-replicas"),
     ({"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0}, "target_ongoing_requests=0 is out of range"),
     ({"max_ongoing_requests": 0}, "(--max-ongoing-requests)"),
     ({"max_queued_requests": 0}, "max_queued_requests=0 is out of range"),

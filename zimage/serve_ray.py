@@ -81,8 +81,9 @@ class RayOptions:
     """How the deployment runs on Ray. Each field is a ``serve-ray`` flag (``--max-ongoing-requests``) and a key of
     ``args`` in ``deploy/ray/serve.yaml``; :meth:`validate` checks them (raises :class:`RayOptionsError`)."""
 
-    #: Fixed number of replicas; ignored when ``min_replicas``/``max_replicas`` turn on autoscaling.
-    replicas: int = 1
+    #: Fixed number of replicas (None: 1); refused together with ``min_replicas``/``max_replicas`` (autoscaling),
+    #: which decide the count themselves: a count given and then ignored would mislead whoever reads the config.
+    replicas: int | None = None
     #: Autoscaling on ongoing requests: between these replica counts, aiming at ``target_ongoing_requests`` each.
     min_replicas: int | None = None
     max_replicas: int | None = None
@@ -103,6 +104,11 @@ class RayOptions:
     def autoscaling(self) -> bool:
         return self.min_replicas is not None or self.max_replicas is not None
 
+    @property
+    def fixed_replicas(self) -> int:
+        """The replica count without autoscaling: ``replicas``, 1 when left out."""
+        return 1 if self.replicas is None else self.replicas
+
     def validate(self) -> "RayOptions":
         """Return self when every value is usable; raise :class:`RayOptionsError` naming the first that is not."""
         def whole(name: str, value: Any, low: int, high: int) -> None:
@@ -118,7 +124,11 @@ class RayOptions:
                 raise RayOptionsError(f"{name}={value!r} is out of range: use {bound} to {high:g} "
                                       f"(--{name.replace('_', '-')}).")
 
-        whole("replicas", self.replicas, 1, 1000)
+        if self.autoscaling and self.replicas is not None:
+            raise RayOptionsError(f"replicas={self.replicas!r} is a fixed count, and --min-replicas/--max-replicas "
+                                  "turn on autoscaling, which sets the count itself: leave --replicas (the "
+                                  "`replicas` key) out, or drop --min-replicas and --max-replicas for a fixed count.")
+        whole("replicas", self.fixed_replicas, 1, 1000)
         if self.autoscaling:
             if self.min_replicas is None or self.max_replicas is None:
                 raise RayOptionsError("autoscaling needs both --min-replicas and --max-replicas (e.g. 1 and 4); "
@@ -163,7 +173,7 @@ class RayOptions:
             options["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                              "target_ongoing_requests": self.target_ongoing_requests}
         else:
-            options["num_replicas"] = self.replicas
+            options["num_replicas"] = self.fixed_replicas
         return options
 
     def describe(self) -> str:
@@ -171,7 +181,7 @@ class RayOptions:
         proxy, then 429 with Retry-After 5 s``."""
         count = (f"{self.min_replicas}-{self.max_replicas} replicas (autoscaled, {self.target_ongoing_requests:g} "
                  "ongoing requests each)" if self.autoscaling else
-                 f"{self.replicas} replica{'s' if self.replicas != 1 else ''}")
+                 f"{self.fixed_replicas} replica{'s' if self.fixed_replicas != 1 else ''}")
         if self.max_queued_requests == -1:
             return f"{count}, at most {self.max_ongoing_requests} requests per replica, no bound on Ray's queue"
         return (f"{count}, at most {self.max_ongoing_requests} requests per replica and {self.max_queued_requests} "
@@ -382,7 +392,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "HTTP on --host/--port until Ctrl-C or SIGTERM, then shut Ray down.")
     ray_group = parser.add_argument_group("Ray Serve")
     ray_group.add_argument("--replicas", type=int, default=defaults.replicas, metavar="N",
-                           help="Fixed number of replicas, each with its own model (default 1).")
+                           help="Fixed number of replicas, each with its own model (default 1; not with "
+                                "--min-replicas/--max-replicas).")
     ray_group.add_argument("--min-replicas", type=int, default=None, metavar="N",
                            help="Autoscale on ongoing requests, from N replicas (with --max-replicas).")
     ray_group.add_argument("--max-replicas", type=int, default=None, metavar="N", help="Autoscale up to N replicas.")
@@ -456,7 +467,7 @@ def device_problem(settings: Settings) -> str | None:
 
 
 def _required_resources(options: RayOptions, deployment_options: Mapping[str, Any]) -> dict[str, float]:
-    replicas = options.min_replicas if options.autoscaling else options.replicas
+    replicas = options.min_replicas if options.autoscaling else options.fixed_replicas
     actor = deployment_options["ray_actor_options"]
     return {"CPU": replicas * actor["num_cpus"], "GPU": replicas * actor.get("num_gpus", 0.0)}
 
