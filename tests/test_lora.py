@@ -24,6 +24,7 @@ from zimage.lora import (
     detect_format,
     fit_problem,
     foreign_model,
+    loras_from_request,
     parse_lora_arg,
     placement_problem,
     write_demo_lora,
@@ -223,6 +224,30 @@ def test_lora_values_are_refused_never_coerced(loras, message: str) -> None:
     with pytest.raises(ValidationError) as info:
         validate_request(replace(GenerationRequest(prompt="a cat"), loras=loras))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    (None, ()), ("", ()), ([], ()),
+    ([{"name": "a"}], (("a", 1.0),)),
+    ([{"name": "a", "weight": 0.5}, ["b", -1]], (("a", 0.5), ("b", -1))),
+    ([{"name": 7, "weight": "x"}], ((7, "x"),)),  # the shape is right: validate_loras refuses the values
+])
+def test_the_loras_field_of_both_apis_becomes_pairs(value, parsed) -> None:
+    assert loras_from_request(value) == parsed
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("style", "loras='style' is not valid: send a list of objects"),
+    ({"name": "a"}, "loras={'name': 'a'} is not valid"),
+    ([{"name": "a", "scale": 1}], "loras[0]={'name': 'a', 'scale': 1} is not valid"),
+    ([{"weight": 1}], "loras[0]={'weight': 1} is not valid"),
+    (["a", 1], "loras[0]='a' is not valid"),
+    ([["a", 1, 2]], "loras[0]=['a', 1, 2] is not valid"),
+])
+def test_a_loras_field_of_another_shape_is_refused_naming_the_entry(value, message: str) -> None:
+    with pytest.raises(LoraError) as info:
+        loras_from_request(value)
+    assert message in str(info.value) and info.value.param == "loras"
 
 
 def test_valid_loras_pass_as_tuples_of_floats() -> None:

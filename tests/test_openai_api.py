@@ -95,6 +95,7 @@ def test_bad_values_are_bad_request_errors_naming_the_value(client, server) -> N
         ({"extra_body": {"steps": 8, "guidance_scale": 99}}, "guidance_scale=99", "guidance_scale"),
         ({"extra_body": {"seed": -5}}, "seed=-5", "seed"),
         ({"extra_body": {"loras": [{"name": "missing"}]}}, "missing", "loras"),
+        ({"extra_body": {"loras": {"name": "style"}}}, "send a list of objects", "loras"),
         ({"extra_body": {"colour": "red"}}, "'colour'", "colour"),
     ]
     for overrides, message, param in cases:

@@ -108,6 +108,31 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def loras_from_request(value: Any) -> tuple[tuple[Any, Any], ...]:
+    """The ``loras`` field as the REST API and the Gradio API receive it (JSON) -> (name, weight) pairs.
+
+    Empty (None, ``""``, ``[]``) is no adapter; otherwise a list of ``{"name": "NAME", "weight": 0.8}`` objects
+    (the weight is 1.0 when left out) or ``["NAME", 0.8]`` pairs. Only the shape is checked here; names and weights
+    are checked by :func:`validate_loras` with the request. Raises :class:`LoraError` (``param`` "loras").
+    """
+    if value is None or value == "" or value == []:
+        return ()
+    example = ('[{"name": "NAME", "weight": 0.8}] (names: `python -m zimage loras`, or the /loras endpoint of the '
+               'Gradio API)')
+    if not isinstance(value, list):
+        raise LoraError(f"loras={_shown(value)} is not valid: send a list of objects, e.g. {example}.")
+    parsed = []
+    for index, item in enumerate(value):
+        if isinstance(item, dict) and "name" in item and set(item) <= {"name", "weight"}:
+            parsed.append((item["name"], item.get("weight", DEFAULT_WEIGHT)))
+        elif isinstance(item, list) and len(item) == 2:
+            parsed.append((item[0], item[1]))
+        else:
+            raise LoraError(f"loras[{index}]={_shown(item)} is not valid: write each adapter as "
+                            f'{{"name": "NAME", "weight": 0.8}}, e.g. {example}.')
+    return tuple(parsed)
+
+
 def validate_loras(value: Any) -> tuple[tuple[str, float], ...]:
     """Check a request's ``loras``: a tuple (or list) of at most :data:`MAX_LORAS` (name, weight) pairs.
 

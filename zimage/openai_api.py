@@ -42,6 +42,7 @@ from .errors import GenerationCancelled, QueueFull, ServiceNotReady, ValidationE
 from .errors import first_line as _first_line
 from .errors import shown as _shown
 from .jobs import watch
+from .lora import loras_from_request
 from .service import MAX_IMAGES, GenerationRequest, GenerationService
 from .settings import Settings
 
@@ -104,18 +105,6 @@ def parse_size(value: Any) -> tuple[int | None, int | None]:
         raise ApiError(400, f"size={_shown(value)} is not valid: write it as \"WIDTHxHEIGHT\", e.g. \"1024x1024\" "
                             "(sides 256-2048, multiples of 16), or \"auto\".", param="size")
     return int(match.group(1)), int(match.group(2))
-
-
-def parse_loras(value: Any) -> tuple[tuple[Any, Any], ...]:
-    """``loras``: a list of ``{"name": str, "weight": number}`` (weight 1.0 when left out). Names and weights are
-    the service's checks. Raises :class:`ApiError` (400) for another shape."""
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(item, dict) and isinstance(item.get("name"), str)
-                                              and set(item) <= {"name", "weight"} for item in value):
-        raise ApiError(400, f"loras={_shown(value)} is not valid: send a list of {{\"name\": \"NAME\", \"weight\": "
-                            "1.0} objects (names from GET /loras or `python -m zimage loras`).", param="loras")
-    return tuple((item["name"], item.get("weight", 1.0)) for item in value)
 
 
 class UrlSigner:
@@ -257,11 +246,15 @@ def build_router(service: GenerationService, settings: Settings, *, replica_id: 
         if type(n) is not int or not 1 <= n <= MAX_IMAGES:
             raise ApiError(400, f"n={_shown(n)} is not valid: use a whole number from 1 to {MAX_IMAGES}.", param="n")
         seed = fields.get("seed")
+        try:
+            loras = loras_from_request(fields.get("loras"))
+        except ValidationError as exc:
+            raise ApiError(400, str(exc), param="loras") from None
         values: dict[str, Any] = {
             "prompt": fields["prompt"], "num_images": n, "seed": None if seed == -1 and type(seed) is int else seed,
             "steps": fields.get("steps"), "guidance_scale": fields.get("guidance_scale"),
             "negative_prompt": "" if fields.get("negative_prompt") is None else fields["negative_prompt"],
-            "loras": parse_loras(fields.get("loras"))}
+            "loras": loras}
         if width is not None:
             values.update(width=width, height=height)
         if fields.get("strength") is not None:

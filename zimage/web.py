@@ -30,6 +30,7 @@ import gradio.utils  # the web door is Gradio; app.py sets GRADIO_TEMP_DIR befor
 from .errors import GenerationCancelled, QueueFull, ServiceNotReady, ValidationError, ZImageError
 from .errors import shown as _shown
 from .jobs import Job, watch
+from .lora import loras_from_request
 from .metrics import Metrics
 from .service import (
     DEFAULT_SIDE_PX,
@@ -328,28 +329,6 @@ def _seed_value(seed: Any) -> Any:
     return seed
 
 
-def parse_loras(value: Any) -> tuple[tuple[Any, Any], ...]:
-    """The ``loras`` parameter of the API: empty, or a list of ``{"name": str, "weight": number}`` objects (or
-    ``[name, weight]`` pairs); the weight defaults to 1.0. Names and weights are checked by the service.
-
-    Raises :class:`ValidationError` for any other shape.
-    """
-    if value in (None, "", []):
-        return ()
-    if not isinstance(value, list):
-        raise ValidationError(f"loras={_shown(value)} must be a list of {{\"name\": ..., \"weight\": ...}} objects.")
-    parsed = []
-    for item in value:
-        if isinstance(item, dict) and "name" in item and set(item) <= {"name", "weight"}:
-            parsed.append((item["name"], item.get("weight", 1.0)))
-        elif isinstance(item, (list, tuple)) and len(item) == 2:
-            parsed.append((item[0], item[1]))
-        else:
-            raise ValidationError(f"loras has the entry {_shown(item)}: write each as {{\"name\": \"NAME\", "
-                                  "\"weight\": 1.0}.")
-    return tuple(parsed)
-
-
 #: What a mode endpoint says when its input is missing.
 REQUIRED_MESSAGES = {
     "image": "an input image is required: upload the image to start from.",
@@ -449,7 +428,7 @@ class WebGenerator:
             if missing:
                 raise ValidationError(REQUIRED_MESSAGES[missing[0]])
             inputs = await asyncio.to_thread(self._read_files, files, values.get("width"), values.get("height"))
-            job_request = GenerationRequest(seed=_seed_value(seed), loras=parse_loras(loras),
+            job_request = GenerationRequest(seed=_seed_value(seed), loras=loras_from_request(loras),
                                             negative_prompt="" if negative_prompt is None else negative_prompt,
                                             inputs=inputs.inputs, **values, **inputs.fields)
         except ValidationError as exc:
