@@ -325,7 +325,18 @@ def test_explicit_profile_is_honoured_and_forced_options_kept() -> None:
                        forced_options=("attention-slicing",))
     assert plan.profile == "sequential-offload"
     assert "attention-slicing" in plan.options
-    assert plan.reason.startswith("sequential-offload was asked for")
+    assert plan.reason.startswith("sequential-offload was asked for: predicted ")
+    # What forcing costs: the reason names auto's pick, and the table weighs it beside the forced placement.
+    auto = plan_memory(hypothetical_devices(80), PUBLISHED_SIZES, forced_options=("attention-slicing",))
+    assert auto.profile == "full" and auto.predicted_seconds < plan.predicted_seconds
+    assert f"auto would pick full + attention-slicing ({auto.predicted_seconds:.2f} s" in plan.reason
+    ranked = {(c.profile, c.options): c.predicted_seconds for c in plan.candidates}
+    assert ranked[("sequential-offload", plan.options)] == plan.predicted_seconds
+    assert ranked[("full", auto.options)] == auto.predicted_seconds
+    # Forcing the placement auto picks anyway says nothing more.
+    same = plan_memory(hypothetical_devices(80), PUBLISHED_SIZES, requested_profile="full",
+                       forced_options=("attention-slicing",))
+    assert "auto would pick" not in same.reason and same.predicted_seconds == auto.predicted_seconds
 
 
 @pytest.mark.parametrize("profile", ["model-offload", "group-offload", "sequential-offload", "full", "balanced"])

@@ -841,19 +841,26 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     candidates = _candidates(devices, device, auto_fp8 and dtype != "fp32", forced)
     if quantized:  # fp8 storage does not apply to quantized weights
         candidates = [c for c in candidates if "fp8-storage" not in c.options]
+    asked = candidates
     if requested_profile != "auto":
         # Honour the user's profile, lossless; still pick tiling if only that makes it fit.
-        candidates = [c for c in candidates if c.profile == requested_profile
-                      and not set(c.options) - set(forced) - {"vae-tiling"}] or [
+        asked = [c for c in candidates if c.profile == requested_profile
+                 and not set(c.options) - set(forced) - {"vae-tiling"}] or [
             _Candidate(requested_profile, forced, requested_profile in ("group-offload", "transformer-resident"))]
 
-    weighed = []
-    for order, c in enumerate(candidates):
+    def weigh(order: int, c: _Candidate) -> _Weighed:
         peak, budget, indices = _evaluate(c, devices, device, sizes, request, dtype, reserve_bytes)
-        weighed.append(_Weighed(
+        return _Weighed(
             c, peak, budget, indices, predict_seconds(c.profile, c.options, sizes, request, dtype, throughput),
             bytes_moved_per_request(c.profile, c.options, sizes, request, dtype) // request.num_images, order,
-            len([o for o in c.options if o in LOSSY_OPTIONS and o not in forced])))
+            len([o for o in c.options if o in LOSSY_OPTIONS and o not in forced]))
+
+    # Every candidate is weighed, also under an asked-for profile: the table and the reason then show what auto
+    # would have picked, so whoever forced a profile sees what it costs.
+    everything = [weigh(order, c) for order, c in enumerate(candidates)]
+    weighed = everything if asked is candidates else [
+        next((w for w in everything if w.candidate == c), None) or weigh(len(candidates) + order, c)
+        for order, c in enumerate(asked)]
     chosen, lossy_why = _choose(weighed)
     fits = chosen is not None
     if chosen is None:
@@ -861,9 +868,16 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
         chosen = min(weighed, key=lambda w: (w.lossy, w.peak, w.order))
     peak, budget, indices, candidate = chosen.peak, chosen.budget, chosen.indices, chosen.candidate
     free_gib = _fmt_gb(budget + reserve_bytes)
-    ranked = sorted(weighed, key=lambda w: (w.seconds, len(w.candidate.options), w.order))
+    speed = lambda w: (w.seconds, len(w.candidate.options), w.order)  # noqa: E731
+    ranked = sorted(weighed, key=speed)
     if requested_profile != "auto":
-        reason = f"{requested_profile} was asked for; predicted peak {_fmt_gb(peak)} of {_fmt_gb(budget)} usable"
+        reason = (f"{requested_profile} was asked for: predicted {chosen.seconds:.2f} s per image, peak "
+                  f"{_fmt_gb(peak)} of {_fmt_gb(budget)} usable")
+        auto, _ = _choose(everything)
+        if auto is not None and auto.candidate != candidate and auto.seconds < chosen.seconds:
+            reason += (f"; auto would pick {_describe(auto.candidate)} "
+                       f"({auto.seconds:.2f} s, {_speedup(chosen.seconds, auto.seconds, up=True)} faster)")
+        ranked = sorted({id(w): w for w in everything + weighed}.values(), key=speed)
     elif fits:
         skipped = [w for w in ranked if w.fits and w.seconds < chosen.seconds]  # lossier, and not faster enough
         what = "the fastest placement that fits" if not skipped else (
@@ -893,7 +907,7 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
                       use_streams=candidate.use_streams, gpu_indices=indices, fits=fits,
                       warnings=tuple(warnings), predicted_seconds=chosen.seconds,
                       bytes_moved_per_image=chosen.moved, throughput=throughput,
-                      candidates=tuple(w.estimate() for w in ranked) if requested_profile == "auto" else ())
+                      candidates=tuple(w.estimate() for w in ranked))
 
 
 def _describe(candidate: _Candidate) -> str:
