@@ -19,11 +19,14 @@ are exercised. Then, at 1024x1024 and the Turbo step count, through the generati
 3. the compute floor: the transformer's FLOPs per image over the GPU's measured bf16 matmul rate,
    and each profile's latency as a multiple of it.
 
-Writes ``<out>/gpu-<device>-<date>.json`` and a section of ``benchmarks/RESULTS.md``. Without a CUDA
-GPU it says so and exits 0. ``--tiny`` runs the same flow on the demo architecture on the CPU (the
+The steps run most important first (:func:`run_order`): the placements the issue's 8-24 GB targets rest on, then
+the emulated cards, then the other options, then the prompt cache; ``--budget-s`` starts no step the time left
+has no room for and lists what it left out. ``<out>/gpu-<device>-<date>.json`` and a section of
+``benchmarks/RESULTS.md`` are written after every step, so a run stopped from outside keeps what it measured.
+Without a CUDA GPU it says so and exits 0. ``--tiny`` runs the same flow on the demo architecture on the CPU (the
 ``cpu`` profile only): the smoke test that keeps this script working on machines without a GPU.
 
-    python benchmarks/gpu_profiles.py                      # on a CUDA machine, about 10 minutes on an H100
+    python benchmarks/gpu_profiles.py --budget-s 420       # on a CUDA machine (not run on one yet)
     python benchmarks/gpu_profiles.py --tiny --out /tmp/g  # anywhere, seconds
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -38,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,7 +51,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from zimage.timing import padded, transformer_flops_per_image  # noqa: E402,F401 - one formula, shared with the planner
 
 GIB = 1024**3
-CARDS_GB = (8, 12, 16, 24)
 PROMPT = "A red fox in fresh snow at sunrise, detailed fur, soft golden light, 35mm photograph"
 
 
@@ -78,36 +81,60 @@ class Case:
 
 
 GPU_CASES = (
+    # First what the issue's targets rest on: the placements the planner picks for 8-24 GB cards.
     Case("full"),
-    Case("full", ("attention-slicing",)),
-    Case("full", ("vae-tiling",)),
-    Case("full", ("fp8-storage",)),
-    Case("model-offload"),
-    Case("model-offload", ("attention-slicing",)),
-    Case("model-offload", ("vae-tiling",)),
-    Case("model-offload", ("fp8-storage",)),
-    # The new placements and the text encoder's fp8 storage (predicted vs measured s/image is in each row).
     Case("transformer-resident"),
     Case("transformer-resident", ("fp8-storage",), max_repeats=3),
-    Case("transformer-resident", ("te-fp8-storage",), max_repeats=3),
-    Case("full", ("te-fp8-storage",), max_repeats=3),
-    # The slow placements are timed fewer times, to keep the whole run under 10 minutes on an H100.
-    Case("group-offload", (), use_streams=True, max_repeats=3),
-    Case("group-offload", (), use_streams=False, max_repeats=3),
-    Case("sequential-offload", (), max_repeats=1),
-    # The attention kernels and regional compilation, on the fastest placement (their speed-up is not measured yet).
-    Case("full", attention_backend="auto", max_repeats=3),
-    Case("full", attention_backend="_native_cudnn", max_repeats=3),
-    Case("full", attention_backend="flash", max_repeats=3),
-    Case("full", attention_backend="_flash_3", max_repeats=3),
-    Case("full", compile=True, max_repeats=3),
     # A GGUF transformer (the 8 GB target: resident, the text encoder streamed); next to the bf16 transformer-resident
     # row it shows what dequantizing at every step costs.
     Case("transformer-resident", gguf=True, max_repeats=3),
+    Case("model-offload"),
+    Case("group-offload", ("fp8-storage",), use_streams=True, max_repeats=3),
+    Case("group-offload", (), use_streams=True, max_repeats=3),
+    # The text encoder's fp8 storage and the rest of the options.
+    Case("transformer-resident", ("te-fp8-storage",), max_repeats=3),
+    Case("full", ("te-fp8-storage",), max_repeats=3),
+    Case("full", ("fp8-storage",)),
+    Case("model-offload", ("fp8-storage",)),
+    # The attention kernels and regional compilation, on the fastest placement (their speed-up is not measured yet).
+    Case("full", attention_backend="auto", max_repeats=3),
+    Case("full", attention_backend="flash", max_repeats=3),
+    Case("full", attention_backend="_flash_3", max_repeats=3),
+    Case("full", attention_backend="_native_cudnn", max_repeats=3),
+    Case("full", compile=True, max_repeats=3),
+    # The slow placements are timed fewer times.
+    Case("group-offload", (), use_streams=False, max_repeats=3),
+    Case("sequential-offload", (), max_repeats=1),
+    Case("full", ("attention-slicing",)),
+    Case("full", ("vae-tiling",)),
+    Case("model-offload", ("attention-slicing",)),
+    Case("model-offload", ("vae-tiling",)),
 )
-#: Emulated cards: (GB, with the GGUF transformer).
-GPU_CARDS = tuple((card_gb, False) for card_gb in CARDS_GB) + ((8, True),)
+#: Emulated cards: (GB, with the GGUF transformer), the issue's targets first.
+GPU_CARDS = ((16, False), (12, False), (8, True), (8, False), (24, False))
 CPU_CASES = (Case("cpu"), Case("cpu", gguf=True))
+#: How many of GPU_CASES run before the emulated cards: a run cut short by its time budget still has them.
+CORE_CASES = 7
+#: A step is started only when the time left is more than this, or than the last step took if that was longer.
+MIN_STEP_S = 20.0
+#: The GGUF file is written only when this much time is left (about a minute on the full-size model).
+GGUF_WRITE_S = 90.0
+
+
+def run_order(tiny: bool, profiles: str = "") -> list[tuple[str, Any]]:
+    """What a run measures, most important first: ``("case", Case)``, ``("card", (GB, with GGUF))`` and
+    ``("prompt-cache", profile)`` steps. ``profiles`` (comma separated) keeps only those placements' cases."""
+    cases = CPU_CASES if tiny else GPU_CASES
+    if profiles:
+        wanted = set(profiles.split(","))
+        cases = tuple(case for case in cases if case.profile in wanted)
+    if tiny:
+        return [("case", case) for case in cases] + [("prompt-cache", "cpu")]
+    core = [case for case in GPU_CASES[:CORE_CASES] if case in cases]
+    rest = [case for case in cases if case not in core]
+    return ([("case", case) for case in core] + [("card", card) for card in GPU_CARDS]
+            + [("case", case) for case in rest]
+            + [("prompt-cache", profile) for profile in ("transformer-resident", "model-offload")])
 
 
 # --- Pure parts (tested without a GPU) --------------------------------------------------------------
@@ -181,7 +208,9 @@ def markdown(result: dict) -> str:
             name = f"{card['card_gb']} GB" + (" + GGUF" if card.get("gguf") else "")
             lines.append(f"| {name} | {run['label']} | {run.get('predicted_peak_bytes', 0) / GIB:.2f} GiB | "
                          f"{measured} | {error} | {latency} | {_predicted_time(run) if run['ok'] else '-'} | "
-                         f"{floor_x} | {', '.join(card['fitting']) or 'none'} |")
+                         f"{floor_x} | {', '.join(fitting_placements(result, card)) or 'none'} |")
+    if result.get("skipped"):
+        lines += ["", "Not measured in this run: " + "; ".join(result["skipped"]) + "."]
     return "\n".join(lines)
 
 
@@ -370,22 +399,22 @@ def machine(device: str) -> dict:
             "diffusers": diffusers.__version__}
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Measure everything in a scratch folder that is removed afterwards (the saved model is ~21 GB)."""
+def run(args: argparse.Namespace, save: Callable[[dict], None], time_left: Callable[[], float]) -> dict:
+    """Measure everything in a scratch folder that is removed afterwards (the saved model is ~21 GB). ``save`` is
+    called with the result so far after every step (a run stopped from outside keeps what it measured);
+    ``time_left()`` is the budget's seconds left: no step starts that the budget has no room for."""
     work = Path(tempfile.mkdtemp(prefix="zimage-gpu-bench-", dir=args.work_dir))
     try:
-        return _measure(args, work)
+        return _measure(args, work, save, time_left)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _measure(args: argparse.Namespace, work: Path) -> dict:
-    import torch
-
+def _measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None],
+             time_left: Callable[[], float]) -> dict:
     from zimage.architecture import PUBLISHED, TINY
     from zimage.hardware import probe_devices
     from zimage.logs import configure_logging
-    from zimage.planner import hypothetical_devices
     from zimage.service import DEFAULT_STEPS
 
     configure_logging("WARNING")
@@ -411,50 +440,85 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     rate = matmul_tflops(device, 256 if args.tiny else 8192, 3 if args.tiny else 50)
     result["compute_floor"] = {"caption_tokens": tokens, "transformer_tflop_per_image": flops / 1e12,
                                "matmul_tflops": rate, "floor_s": flops / 1e12 / rate}
-    cases = CPU_CASES if args.tiny else GPU_CASES
-    if args.profiles:
-        wanted = set(args.profiles.split(","))
-        cases = tuple(case for case in cases if case.profile in wanted)
-    gguf_file = None
-    if args.gguf:
-        print(f"writing the transformer as GGUF {args.gguf} ...", file=sys.stderr)
-        result["gguf"] = write_gguf(folder, args.gguf, work / f"transformer-{args.gguf}.gguf")
-        gguf_file = Path(result["gguf"]["path"])
-    else:
-        cases = tuple(case for case in cases if not case.gguf)
-    result["profiles"] = []
-    for case in cases:
-        print(f"profile {case.label} ...", file=sys.stderr)
-        result["profiles"].append(run_case(folder, case, devices, args.repeats, work, device, gguf_file))
-    result["prompt_cache"] = [measure_prompt_cache(folder, profile, devices, work, device)
-                              for profile in (("cpu",) if args.tiny else ("model-offload", "transformer-resident"))]
-    result["cards"] = []
-    if not args.tiny:
-        total = torch.cuda.get_device_properties(device).total_memory
-        for card_gb, with_gguf in GPU_CARDS:
-            if with_gguf and gguf_file is None:
-                continue
-            print(f"emulating a {card_gb} GB card{' with the GGUF transformer' if with_gguf else ''} ...",
-                  file=sys.stderr)
-            torch.cuda.set_per_process_memory_fraction(min(1.0, card_gb * GIB / total), device)
-            try:
-                # The probe's rates, so the planner's predicted seconds are comparable with the measured ones.
-                throughput = devices.gpus[0].throughput if devices.gpus else None
-                card_devices = hypothetical_devices(card_gb, 1, devices.ram_total_bytes / GIB, throughput=throughput)
-                auto = run_case(folder, Case("auto", gguf=with_gguf), card_devices, 1, work, device, gguf_file)
-                fitting = [r["label"] for r in result["profiles"]
-                           if r["ok"] and fits(r["peak_reserved_bytes"], card_gb, 1024**3)
-                           and ("[GGUF]" in r["label"]) == with_gguf]
-                if args.emulate_all:
-                    fitting = [c.label for c in cases if c.gguf == with_gguf
-                               and run_case(folder, c, card_devices, 1, work, device, gguf_file)["ok"]]
-                result["cards"].append({
-                    "card_gb": card_gb, "gguf": with_gguf, "auto": auto, "fitting": fitting,
-                    "planner_error_percent": planner_error_percent(auto.get("predicted_peak_bytes", 0),
-                                                                   auto.get("peak_reserved_bytes", 0))})
-            finally:
-                torch.cuda.set_per_process_memory_fraction(1.0, device)
+    result.update(profiles=[], prompt_cache=[], cards=[], skipped=[])
+    planned = run_order(args.tiny, args.profiles)
+    if not args.gguf:
+        planned = [(kind, what) for kind, what in planned if not (kind == "case" and what.gguf)
+                   and not (kind == "card" and what[1])]
+    gguf_file: Path | None = None
+    gguf_tried = False
+    last_step_s = 0.0
+    save(result)
+    for kind, what in planned:
+        needs_gguf = (kind == "case" and what.gguf) or (kind == "card" and what[1])
+        name = step_name(kind, what)
+        if needs_gguf and not gguf_tried:
+            gguf_tried = True
+            if time_left() > GGUF_WRITE_S:
+                print(f"writing the transformer as GGUF {args.gguf} ...", file=sys.stderr)
+                result["gguf"] = write_gguf(folder, args.gguf, work / f"transformer-{args.gguf}.gguf")
+                gguf_file = Path(result["gguf"]["path"])
+        if needs_gguf and gguf_file is None:
+            result["skipped"].append(f"{name}: no time left to write the GGUF file")
+            continue
+        if time_left() <= max(MIN_STEP_S, last_step_s):
+            result["skipped"].append(f"{name}: the time budget (--budget-s) ran out")
+            continue
+        print(f"{kind} {name} ...", file=sys.stderr)
+        step_started = time.perf_counter()
+        if kind == "case":
+            result["profiles"].append(run_case(folder, what, devices, args.repeats, work, device, gguf_file))
+        elif kind == "prompt-cache":
+            result["prompt_cache"].append(measure_prompt_cache(folder, what, devices, work, device))
+        else:
+            result["cards"].append(emulate_card(folder, what, devices, work, device, gguf_file,
+                                                [c for k, c in planned if k == "case"] if args.emulate_all else ()))
+        last_step_s = time.perf_counter() - step_started
+        save(result)
     return result
+
+
+def step_name(kind: str, what: Any) -> str:
+    """A :func:`run_order` step in words, for the log and the list of steps left out."""
+    if kind == "case":
+        return what.label
+    if kind == "card":
+        return f"{what[0]} GB card" + (" with the GGUF transformer" if what[1] else "")
+    return f"prompt cache on {what}"
+
+
+def emulate_card(folder: Path, card: tuple[float, bool], devices: Any, work: Path, device: str,
+                 gguf_file: Path | None, run_all: Any = ()) -> dict:
+    """``--memory-profile auto`` run for real on a card of ``card_gb`` emulated with
+    ``torch.cuda.set_per_process_memory_fraction``, with the probe's rates (so predicted seconds compare with measured
+    ones); ``run_all``: also run these cases there and list those that ran (``--emulate-all``)."""
+    import torch
+
+    from zimage.planner import hypothetical_devices
+
+    card_gb, with_gguf = card
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, card_gb * GIB / total), device)
+    try:
+        throughput = devices.gpus[0].throughput if devices.gpus else None
+        card_devices = hypothetical_devices(card_gb, 1, devices.ram_total_bytes / GIB, throughput=throughput)
+        auto = run_case(folder, Case("auto", gguf=with_gguf), card_devices, 1, work, device, gguf_file)
+        ran = [c.label for c in run_all if c.gguf == with_gguf
+               and run_case(folder, c, card_devices, 1, work, device, gguf_file)["ok"]]
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return {"card_gb": card_gb, "gguf": with_gguf, "auto": auto, "ran": ran if run_all else None,
+            "planner_error_percent": planner_error_percent(auto.get("predicted_peak_bytes", 0),
+                                                           auto.get("peak_reserved_bytes", 0))}
+
+
+def fitting_placements(result: dict, card: dict) -> list[str]:
+    """The measured placements whose peak fits the emulated ``card`` (all that ran there, with --emulate-all)."""
+    if card.get("ran") is not None:
+        return card["ran"]
+    return [row["label"] for row in result["profiles"]
+            if row["ok"] and ("[GGUF]" in row["label"]) == card["gguf"]
+            and fits(row["peak_reserved_bytes"], card["card_gb"], 1024**3)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", default="",
                         help="Only these profiles, comma separated (e.g. full,model-offload), for a shorter run.")
     parser.add_argument("--tiny", action="store_true", help="The demo architecture on the CPU: a smoke test.")
+    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
+                        help="Start no step after S seconds (nor one the time left has no room for); the steps run "
+                             "most important first, and the results are written after each (default: no budget).")
     parser.add_argument("--gguf", default="Q4_0", choices=("Q4_0", "Q8_0", ""),
                         help="Also measure the transformer written as this GGUF type (about a minute to write on "
                              "the full-size model; Q8_0 about twice that); '' skips it.")
@@ -483,16 +550,24 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu_profiles: no CUDA GPU on this machine, nothing to measure (use --tiny for a CPU smoke run).")
             return 0
     started = time.perf_counter()
-    result = run(args)
-    result["wall_s"] = time.perf_counter() - started
-    slug = "".join(c if c.isalnum() else "-" for c in result["machine"]["device"].lower()).strip("-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"gpu-{slug}-{result['date']}.json"
-    json_path.write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    write_section(args.results_md, f"gpu-profiles {slug}", table)
-    print(table)
-    print(f"\nwritten: {json_path}, {args.results_md} ({result['wall_s']:.0f} s)")
+    written: list[Path] = []
+
+    def save(result: dict) -> None:
+        result["wall_s"] = time.perf_counter() - started
+        slug = "".join(c if c.isalnum() else "-" for c in result["machine"]["device"].lower()).strip("-")
+        args.out.mkdir(parents=True, exist_ok=True)
+        json_path = args.out / f"gpu-{slug}-{result['date']}.json"
+        json_path.write_text(json.dumps(result, indent=2))
+        write_section(args.results_md, f"gpu-profiles {slug}", markdown(result))
+        written[:] = [json_path]
+
+    def time_left() -> float:
+        return math.inf if args.budget_s is None else args.budget_s - (time.perf_counter() - started)
+
+    result = run(args, save, time_left)
+    save(result)
+    print(markdown(result))
+    print(f"\nwritten: {written[0]}, {args.results_md} ({result['wall_s']:.0f} s)")
     return 0
 
 

@@ -93,6 +93,39 @@ def test_gpu_benchmark_flow_on_the_tiny_model(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("zimage-gpu-bench-*"))  # the saved model does not stay on disk
 
 
+def test_gpu_benchmark_runs_what_the_targets_rest_on_first() -> None:
+    order = gpu_profiles.run_order(tiny=False)
+    kinds = [kind for kind, _ in order]
+    first_card = kinds.index("card")
+    core = [what.label for kind, what in order[:first_card]]
+    # Before the emulated cards: the placements the planner picks for 8-24 GB cards, the GGUF one among them.
+    assert core[:4] == ["full", "transformer-resident", "transformer-resident + fp8-storage",
+                        "transformer-resident [GGUF]"] and "model-offload" in core
+    assert [what for kind, what in order if kind == "card"][:3] == [(16, False), (12, False), (8, True)]
+    assert kinds[-2:] == ["prompt-cache", "prompt-cache"]  # a repeated prompt matters less than the placements
+    labels = [what.label for kind, what in order if kind == "case"]
+    assert sorted(labels) == sorted(case.label for case in gpu_profiles.GPU_CASES) and len(set(labels)) == len(labels)
+    only = gpu_profiles.run_order(tiny=False, profiles="model-offload")
+    assert {what.profile for kind, what in only if kind == "case"} == {"model-offload"}
+
+
+def test_gpu_benchmark_keeps_to_its_time_budget_and_says_what_it_left_out(tmp_path: Path) -> None:
+    # A budget of 0 s: the model is built and the floor measured, no step starts, the files say what was left out.
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_profiles.py"), "--tiny", "--budget-s", "0",
+                           "--out", str(tmp_path), "--results-md", str(tmp_path / "RESULTS.md"),
+                           "--work-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                            "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("gpu-*.json")
+    result = json.loads(json_path.read_text())
+    assert result["profiles"] == [] and result["compute_floor"]["floor_s"] > 0
+    assert result["skipped"] == ["cpu: the time budget (--budget-s) ran out",
+                                 "cpu [GGUF]: no time left to write the GGUF file",
+                                 "prompt cache on cpu: the time budget (--budget-s) ran out"]
+    assert "Not measured in this run: cpu: the time budget" in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_service_benchmark_quick_mode(tmp_path: Path, data_dir: Path) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "service_bench.py"), "--quick",
                            "--out", str(tmp_path), "--data-dir", str(data_dir)],
