@@ -184,7 +184,8 @@ def test_basic_credentials_open_metrics_and_the_api(server) -> None:
     # Gradio's own check agrees (auth_dependency): it knows who asks.
     assert status == 200 and json.loads(text)["username"] == USER
     started = time.monotonic()
-    assert request(server.url + "metrics", headers=basic(USER, "wrong"))[0] == 401
+    status, _, text = request(server.url + "metrics", headers=basic(USER, "wrong"))
+    assert status == 401 and json.loads(text)["error"] == "Incorrect credentials"  # not "Not authenticated"
     assert time.monotonic() - started >= 0.4  # failed attempts are slowed down
     assert request(server.url + "metrics", headers=basic("bob", PASSWORD))[0] == 401  # pairs do not mix
     assert request(server.url + "metrics", headers={"Authorization": "Basic !!notbase64"})[0] == 401
@@ -199,6 +200,11 @@ def test_the_openai_client_reads_the_sign_in_refusal_and_passes_with_basic_crede
     with pytest.raises(openai.AuthenticationError) as caught:
         refused.models.list()
     assert caught.value.code == "not_authenticated" and "sign-in" in caught.value.message
+    wrong = openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0,
+                          default_headers=basic(USER, "not-the-password"))
+    with pytest.raises(openai.AuthenticationError) as caught:
+        wrong.models.list()
+    assert caught.value.code == "invalid_credentials" and "Wrong user name or password" in caught.value.message
     # The fix the message gives: the SDK's default_headers replace its Bearer header with Basic credentials.
     signed_in = openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0,
                               default_headers=basic())

@@ -87,7 +87,7 @@ def test_plan_ranked_table_for_a_named_card(data_dir: Path) -> None:
     (["--vram-gb", "24", "--tflops", "1e-320"], "--tflops=9.99989e-321 is out of range: use 0.1 to 100000"),
     (["--vram-gb", "24", "--pcie-gbps", "1e-12"], "--pcie-gbps=1e-12 is out of range"),
     (["--gpus", "4"], "--gpus and --ram-gb describe a hypothetical machine"),  # was silently ignored
-    (["--gpu-name", "a" * 2500], "... (2502 characters) is not in the table"),  # not echoed in full
+    (["--gpu-name", "a" * 2500], "... (2500 characters) is not in the table"),  # not echoed in full
     (["--transformer-file", "/tmp/" + "a" * 300 + ".gguf"], "longer than the 255 a file system allows"),
     (["--model", "a" * 300], "model='aaaa"),
     (["--gpu-name", "4090", "--num-images", "0"], "num_images=0 is out of range: use a whole number from 1 to 4"),

@@ -210,6 +210,8 @@ def test_an_unknown_name_lists_the_usable_ones(service) -> None:
         ((("a", 2.5),), "LoRA weight 2.5 for 'a' is out of range: use a number from -2 to 2"),
         ((("a", -2.01),), "LoRA weight -2.01 for 'a' is out of range"),
         ((("a", float("nan")),), "LoRA weight nan for 'a' is out of range"),
+        ((("a", 10**400),), "LoRA weight 1000000000"),  # a 401-digit JSON integer: no float overflow, a clear 400
+        ((("a", -10**400),), "is out of range: use a number from -2 to 2"),
         ((("a", True),), "LoRA weight True for 'a' must be a number from -2 to 2"),
         ((("a", "1"),), "LoRA weight '1' for 'a' must be a number"),
         ((("a", None),), "LoRA weight None for 'a' must be a number"),
@@ -237,7 +239,7 @@ def test_the_loras_field_of_both_apis_becomes_pairs(value, parsed) -> None:
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ("style", "loras='style' is not valid: send a list of objects"),
+    ("style", "loras='style' is not valid: send a list, e.g."),
     ({"name": "a"}, "loras={'name': 'a'} is not valid"),
     ([{"name": "a", "scale": 1}], "loras[0]={'name': 'a', 'scale': 1} is not valid"),
     ([{"weight": 1}], "loras[0]={'weight': 1} is not valid"),

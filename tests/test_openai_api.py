@@ -95,7 +95,8 @@ def test_bad_values_are_bad_request_errors_naming_the_value(client, server) -> N
         ({"extra_body": {"steps": 8, "guidance_scale": 99}}, "guidance_scale=99", "guidance_scale"),
         ({"extra_body": {"seed": -5}}, "seed=-5", "seed"),
         ({"extra_body": {"loras": [{"name": "missing"}]}}, "missing", "loras"),
-        ({"extra_body": {"loras": {"name": "style"}}}, "send a list of objects", "loras"),
+        ({"extra_body": {"loras": {"name": "style"}}}, "send a list, e.g.", "loras"),
+        ({"extra_body": {"loras": [["style", 10**400]]}}, "is out of range", "loras"),  # no float overflow
         ({"extra_body": {"colour": "red"}}, "'colour'", "colour"),
     ]
     for overrides, message, param in cases:
@@ -233,3 +234,82 @@ def test_bodies_that_are_not_usable_json_are_bad_requests(server) -> None:
             urllib.request.urlopen(request, timeout=30)
         assert caught.value.code == 400
         assert json.loads(caught.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def in_process(service, settings: Settings):
+    """The /v1 routes over ``service`` (a stand-in), called in this process without a server."""
+    import fastapi
+    from fastapi.testclient import TestClient
+
+    from zimage.openai_api import build_router
+
+    app = fastapi.FastAPI()
+    app.include_router(build_router(service, settings))
+    return TestClient(app)
+
+
+def test_an_unforeseen_failure_is_a_500_in_the_openai_shape_and_is_logged(tmp_path: Path, caplog) -> None:
+    class Broken:
+        """A service with a bug: submit raises what nobody foresaw."""
+        outcomes: list[str] = []
+
+        def submit(self, request):
+            raise OverflowError("int too large to convert to float")
+
+        def count_outcome(self, outcome: str) -> None:
+            self.outcomes.append(outcome)
+
+    service = Broken()
+    answer = in_process(service, Settings(outputs_dir=tmp_path)).post("/v1/images/generations", json={"prompt": "a cat", "size": "256x256"})
+    assert answer.status_code == 500
+    assert answer.json()["error"] == {"message": "The server failed unexpectedly (OverflowError); it logged the "
+                                                 "details.", "type": "server_error", "param": None,
+                                      "code": "internal_error"}
+    assert service.outcomes == ["failed"]
+    assert "int too large" in caplog.text  # the traceback is in the server's log, not in the answer
+
+
+def test_wrong_api_keys_are_slowed_down_then_refused_for_a_while(tmp_path: Path) -> None:
+    from zimage.auth import FAILURE_DELAY_S, FREE_FAILURES
+
+    client = in_process(object(), Settings(outputs_dir=tmp_path, api_key=KEY))  # no request reaches the service
+    wrong = {"Authorization": "Bearer not-the-key"}
+    started = time.monotonic()
+    for _ in range(FREE_FAILURES + 1):
+        assert client.get("/v1/models", headers=wrong).json()["error"]["code"] == "invalid_api_key"
+    assert time.monotonic() - started >= (FREE_FAILURES + 1) * FAILURE_DELAY_S  # each failure answered late
+    # Past the free failures the address waits, even with the right key: guessing gets no faster with more tries.
+    blocked = client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert blocked.status_code == 429 and blocked.headers["retry-after"] == "2"
+    assert blocked.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_body_edge_cases_get_their_own_messages(tmp_path: Path) -> None:
+    from zimage.errors import ValidationError
+
+    class Recording:
+        requests: list = []
+
+        def submit(self, request):
+            self.requests.append(request)
+            raise ValidationError("parsed; the service stops here")
+
+        def count_outcome(self, outcome: str) -> None:
+            pass
+
+    service = Recording()
+    client = in_process(service, Settings(outputs_dir=tmp_path))
+    deep = '{"prompt": "a cat", "loras": ' + "[" * 100_000 + "]" * 100_000 + "}"  # valid JSON, too deep for Python
+    answer = client.post("/v1/images/generations", content=deep, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "nested too deeply" in answer.json()["error"]["message"]
+    png = io.BytesIO()
+    Image.new("RGB", (256, 256)).save(png, format="PNG")
+    for loras, expected in (("", ()), ('[["style", 0.5]]', (("style", 0.5),))):  # empty is no LoRA, as in JSON
+        answer = client.post("/v1/images/edits", data={"prompt": "a cat", "loras": loras},
+                             files={"image": ("in.png", png.getvalue(), "image/png")})
+        assert "the service stops here" in answer.json()["error"]["message"]
+        assert service.requests[-1].loras == expected
+    answer = client.post("/v1/images/edits", data={"prompt": "a cat", "loras": "style:0.5"},
+                         files={"image": ("in.png", png.getvalue(), "image/png")})
+    assert answer.json()["error"]["message"].startswith("loras='style:0.5' is not JSON")
+    assert answer.json()["error"]["param"] == "loras"

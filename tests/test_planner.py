@@ -339,6 +339,18 @@ def test_explicit_profile_is_honoured_and_forced_options_kept() -> None:
     assert "auto would pick" not in same.reason and same.predicted_seconds == auto.predicted_seconds
 
 
+def test_a_forced_profile_that_does_not_fit_says_so_and_names_what_would() -> None:
+    plan = plan_memory(hypothetical_devices(12), PUBLISHED_SIZES, requested_profile="full")
+    auto = plan_memory(hypothetical_devices(12), PUBLISHED_SIZES)
+    assert not plan.fits and plan.predicted_seconds < auto.predicted_seconds  # faster, if only it fitted
+    assert "(it does not fit); auto would pick " + auto.describe().split(" on ")[0] + ", which fits" in plan.reason
+    # Two 12 GB cards cannot hold the 12.3 GB transformer whole: balanced's peak is the real overflow, not a
+    # placeholder, and it is marked as not fitting.
+    balanced = plan_memory(hypothetical_devices(12, gpus=2), PUBLISHED_SIZES, requested_profile="balanced")
+    assert not balanced.fits and 12 * GIB < balanced.predicted_peak_bytes < 20 * GIB
+    assert all(c.predicted_peak_bytes < 64 * GIB for c in balanced.candidates)
+
+
 @pytest.mark.parametrize("profile", ["model-offload", "group-offload", "sequential-offload", "full", "balanced"])
 def test_gpu_profiles_are_refused_without_a_gpu(profile: str) -> None:
     with pytest.raises(PlanError, match="needs a CUDA GPU"):

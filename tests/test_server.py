@@ -474,7 +474,7 @@ def test_controlnet_loras_and_the_lora_list_over_the_api(data_dir: Path, tmp_pat
         assert [(entry["name"], entry["weight"]) for entry in meta["loras"]] == [("style", 1.5)]
         assert styled[1]["loras"][0]["sha256"] == meta["loras"][0]["sha256"]
         for bad, message in (([{"name": "old"}], "old"), ([{"name": "style", "weight": 3}], "weight"),
-                             ("style", "send a list of objects"), ([{"nom": "style"}], r"loras\[0\]=")):
+                             ("style", "send a list, e.g."), ([{"nom": "style"}], r"loras\[0\]=")):
             with pytest.raises(AppError, match=message):
                 c.predict("a cat", 256, 256, 3, 5, 1, loras=bad, api_name="/generate")
         control = tmp_path / "edges.png"

@@ -297,7 +297,9 @@ class Guard:
 
     # -- responses ----------------------------------------------------------------------------------
 
-    def _refusal(self, scope: dict) -> Any:
+    def _refusal(self, scope: dict, wrong: bool = False) -> Any:
+        """The answer to a request without a session: a redirect to the sign-in page for a browser, else 401
+        (``wrong``: it sent Basic credentials that are not a known pair)."""
         from starlette.responses import RedirectResponse
 
         if _wants_html(scope):
@@ -308,6 +310,11 @@ class Guard:
             if next_url != "/":
                 location += "?" + urllib.parse.urlencode({"next": next_url})
             return RedirectResponse(location, status_code=303, headers={"cache-control": "no-store"})
+        if wrong:
+            message = "Wrong user name or password in the HTTP Basic credentials."
+            if _app_path(scope).startswith(self.openai_prefixes):
+                return _json(401, _openai_error(message, "invalid_request_error", "invalid_credentials"))
+            return _json(401, {"error": "Incorrect credentials", "detail": message})
         if _app_path(scope).startswith(self.openai_prefixes):
             return _json(401, _openai_error(
                 "Not signed in: this server's REST API sits behind its sign-in. Send HTTP Basic credentials of a "
@@ -375,7 +382,7 @@ class Guard:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                 else:
-                    await guard._refusal(scope)(scope, receive, send)
+                    await guard._refusal(scope, wrong=basic is not None)(scope, receive, send)
                 return
             scope[SCOPE_USER_KEY] = user
             await app(scope, receive, send)

@@ -432,7 +432,8 @@ def ranked_table(plan) -> str:
         if untiled != c.options and fits.get((c.profile, untiled)) == c.fits and (c.profile, c.options) != chosen:
             continue  # tiling changes nothing here: the row without it says it all
 
-        mark = "<- chosen" if (c.profile, c.options) == chosen else ("" if c.fits else "does not fit")
+        mark = ("<- chosen" + ("" if c.fits else ", does not fit") if (c.profile, c.options) == chosen
+                else "" if c.fits else "does not fit")
         if c.lossy and not mark:
             mark = "lossy"
         rows.append((c.describe(), f"{c.predicted_peak_bytes / GIB:.1f} GiB", f"{c.predicted_seconds:.2f}",

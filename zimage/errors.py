@@ -6,9 +6,11 @@ from typing import Any
 
 
 def shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: an error (and the log) never echoes megabytes back."""
+    """``repr(value)`` cut to ``limit`` characters: an error (and the log) never echoes megabytes back. A cut text
+    says how long the value is (a string's own characters, else its repr's)."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    length = len(value) if isinstance(value, str) else len(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({length} characters)"
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -117,10 +117,10 @@ def loras_from_request(value: Any) -> tuple[tuple[Any, Any], ...]:
     """
     if value is None or value == "" or value == []:
         return ()
-    example = ('[{"name": "NAME", "weight": 0.8}] (names: `python -m zimage loras`, or the /loras endpoint of the '
-               'Gradio API)')
+    names = "names: `python -m zimage loras`"
     if not isinstance(value, list):
-        raise LoraError(f"loras={_shown(value)} is not valid: send a list of objects, e.g. {example}.")
+        raise LoraError(f'loras={_shown(value)} is not valid: send a list, e.g. [{{"name": "NAME", "weight": 0.8}}] '
+                        f'or [["NAME", 0.8]] ({names}).')
     parsed = []
     for index, item in enumerate(value):
         if isinstance(item, dict) and "name" in item and set(item) <= {"name", "weight"}:
@@ -129,7 +129,7 @@ def loras_from_request(value: Any) -> tuple[tuple[Any, Any], ...]:
             parsed.append((item[0], item[1]))
         else:
             raise LoraError(f"loras[{index}]={_shown(item)} is not valid: write each adapter as "
-                            f'{{"name": "NAME", "weight": 0.8}}, e.g. {example}.')
+                            f'{{"name": "NAME", "weight": 0.8}} or ["NAME", 0.8] ({names}).')
     return tuple(parsed)
 
 
@@ -161,8 +161,9 @@ def validate_loras(value: Any) -> tuple[tuple[str, float], ...]:
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise LoraError(f"LoRA weight {_shown(weight)} for {name!r} must be a number from {MIN_WEIGHT:g} "
                                   f"to {MAX_WEIGHT:g} (1 is the adapter's full strength, 0 switches it off).")
-        if not (math.isfinite(weight) and MIN_WEIGHT <= weight <= MAX_WEIGHT):
-            raise LoraError(f"LoRA weight {weight!r} for {name!r} is out of range: use a number from "
+        # A whole number is compared as it is: float() of a 400-digit JSON integer would overflow.
+        if not ((isinstance(weight, int) or math.isfinite(weight)) and MIN_WEIGHT <= weight <= MAX_WEIGHT):
+            raise LoraError(f"LoRA weight {_shown(weight)} for {name!r} is out of range: use a number from "
                                   f"{MIN_WEIGHT:g} to {MAX_WEIGHT:g} (1 is the adapter's full strength).")
         if any(name == seen for seen, _ in checked):
             raise LoraError(f"LoRA {name!r} is listed twice: give each adapter once, with one weight.")

@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -38,6 +39,7 @@ from typing import Any
 
 import fastapi  # the REST door is FastAPI's (its handlers' annotations are resolved from this module's names)
 
+from .auth import FAILURE_DELAY_S, FailureLimiter
 from .errors import GenerationCancelled, QueueFull, ServiceNotReady, ValidationError, ZImageError
 from .errors import first_line as _first_line
 from .errors import shown as _shown
@@ -169,16 +171,28 @@ def build_router(service: GenerationService, settings: Settings, *, replica_id: 
     closed = rest_api_problem(settings, ui_auth)
     outputs = Path(settings.outputs_dir).resolve()
 
-    def authorize(request: Any) -> None:
+    # Wrong keys are slowed down and then refused for a while, per client address, as failed sign-ins are.
+    failures = FailureLimiter()
+
+    async def authorize(request: Any) -> None:
         if closed is not None:
             raise ApiError(403, closed, code="rest_api_disabled")
         if not settings.api_key:
             return
+        client = request.client.host if request.client else "unknown"
+        wait_s = failures.retry_after(client)
+        if wait_s > 0:
+            seconds = max(1, math.ceil(wait_s))
+            raise ApiError(429, f"Too many wrong API keys from this address: try again in {seconds} s.",
+                           type_="rate_limit_error", code="too_many_failed_keys", retry_after_s=seconds)
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            failures.failed(client)
+            await asyncio.sleep(FAILURE_DELAY_S)
             raise ApiError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY' (the openai "
                                 "SDK's api_key).", code="invalid_api_key")
+        failures.succeeded(client)
 
     def answer(body: dict, status: int = 200, headers: dict | None = None) -> Any:
         headers = dict(headers or {})
@@ -266,10 +280,13 @@ def build_router(service: GenerationService, settings: Settings, *, replica_id: 
         """OpenAI's image generation: a JSON body (prompt, n 1-4, size "WxH", response_format, model, and this
         server's seed, steps, guidance_scale, negative_prompt, loras)."""
         try:
-            authorize(request)
+            await authorize(request)
             try:
                 fields = await request.json()
-            except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than Python
+            except RecursionError:  # valid JSON, nested deeper than Python's parser goes
+                raise ApiError(400, "the body is JSON nested too deeply to read: no field of this API needs more "
+                                    "than a few levels.") from None
+            except (ValueError, UnicodeDecodeError):
                 raise ApiError(400, "the body is not JSON: send {\"prompt\": \"...\"} with Content-Type "
                                     "application/json.") from None
             if not isinstance(fields, dict):
@@ -279,6 +296,8 @@ def build_router(service: GenerationService, settings: Settings, *, replica_id: 
         except ApiError as exc:
             _count_refusal(service, exc)
             return exc.response(replica_id)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: the client still gets this API's error shape
+            return _internal_error(service, exc).response(replica_id)
 
     @router.post("/v1/images/edits")
     async def edits(request: fastapi.Request) -> Any:
@@ -287,7 +306,7 @@ def build_router(service: GenerationService, settings: Settings, *, replica_id: 
         without transparency, this server's (white is repainted). Without ``size`` the output takes the image's
         size rounded to multiples of 16."""
         try:
-            authorize(request)
+            await authorize(request)
             try:
                 form = await request.form(max_part_size=settings.max_upload_mb * 2**20)
             except Exception as exc:  # noqa: BLE001 - starlette raises its own parse errors; all mean "bad body"
@@ -310,11 +329,13 @@ def build_router(service: GenerationService, settings: Settings, *, replica_id: 
         except ApiError as exc:
             _count_refusal(service, exc)
             return exc.response(replica_id)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: the client still gets this API's error shape
+            return _internal_error(service, exc).response(replica_id)
 
     @router.get("/v1/models")
     async def models(request: fastapi.Request) -> Any:
         try:
-            authorize(request)
+            await authorize(request)
         except ApiError as exc:
             return exc.response(replica_id)
         return answer({"object": "list", "data": [{"id": model_id(settings), "object": "model", "created": 0,
@@ -351,12 +372,12 @@ def _edit_request(fields: dict, uploads: dict[str, tuple[bytes, str]], settings:
     for key in ("strength", "guidance_scale"):
         if isinstance(fields.get(key), str):
             fields[key] = _form_number(fields[key], key, whole=False)
-    if isinstance(fields.get("loras"), str):
+    if isinstance(fields.get("loras"), str) and fields["loras"].strip():  # empty: no LoRA, as in a JSON body
         try:
             fields["loras"] = json.loads(fields["loras"])
-        except ValueError:
-            raise ApiError(400, "loras must be JSON in a form field, e.g. [{\"name\": \"NAME\", \"weight\": 0.8}].",
-                           param="loras") from None
+        except (ValueError, RecursionError):
+            raise ApiError(400, f"loras={_shown(fields['loras'])} is not JSON: a form field holds it as JSON text, "
+                                "e.g. [{\"name\": \"NAME\", \"weight\": 0.8}].", param="loras") from None
     try:
         source = read_image(uploads["image"][0], uploads["image"][1], max_bytes=max_bytes)
     except ValidationError as exc:
@@ -405,6 +426,15 @@ def _form_number(text: str, name: str, *, whole: bool) -> int | float:
     except ValueError:
         kind = "a whole number" if whole else "a number"
         raise ApiError(400, f"{name}={_shown(text)} is not {kind}.", param=name) from None
+
+
+def _internal_error(service: GenerationService, exc: Exception) -> ApiError:
+    """A failure nobody foresaw (a bug): logged with its traceback, counted as failed, answered as a 500 in OpenAI's
+    shape rather than the web server's plain-text page."""
+    log.exception("unexpected error in the REST API")
+    service.count_outcome("failed")
+    return ApiError(500, f"The server failed unexpectedly ({type(exc).__name__}); it logged the details.",
+                    type_="server_error", code="internal_error")
 
 
 def _count_refusal(service: GenerationService, error: ApiError) -> None:

@@ -649,10 +649,11 @@ def _text_encoder_live_bytes(sizes: ComponentSizes, dtype_bytes: int, te_fp8: bo
 
 
 def _balanced_split(sizes: ComponentSizes, request: RequestSize, dtype: str, options: tuple[str, ...],
-                    budgets: list[int]) -> int | None:
+                    budgets: list[int]) -> int:
     """Place whole components on GPUs, largest first onto the one with most room.
 
-    Returns the predicted peak of the busiest GPU, or None when some component fits nowhere.
+    Returns the predicted peak of the busiest GPU: above its budget when some component fits nowhere (it is placed
+    on the GPU with the most room anyway, so the peak says by how much the placement misses).
     """
     dtype_bytes = DTYPE_BYTES[dtype]
     acts = activation_bytes(sizes, request, dtype_bytes, "vae-tiling" in options)
@@ -670,8 +671,6 @@ def _balanced_split(sizes: ComponentSizes, request: RequestSize, dtype: str, opt
         room = [budgets[i] - weights_on[i] - max(acts_on[i], acts[name]) - FIXED_OVERHEAD_BYTES
                 for i in range(len(budgets))]
         best = max(range(len(budgets)), key=lambda i: room[i])
-        if room[best] < weight:
-            return None
         weights_on[best] += weight
         acts_on[best] = max(acts_on[best], acts[name])
     return max(w + a + FIXED_OVERHEAD_BYTES for w, a in zip(weights_on, acts_on))
@@ -726,7 +725,7 @@ def _evaluate(candidate: _Candidate, devices: DeviceFacts, device: str, sizes: C
         budgets = [max(0, g.free_bytes - reserve_bytes) for g in devices.gpus]
         peak = _balanced_split(sizes, request, dtype, candidate.options, budgets)
         indices = tuple(g.index for g in devices.gpus)
-        return (peak if peak is not None else 2**62), min(budgets), indices
+        return peak, min(budgets), indices
     peak = predict_peak_bytes(candidate.profile, candidate.options, sizes, request, dtype, candidate.use_streams)
     return peak, _budget(devices, device, reserve_bytes), (int(device.split(":")[1]),)
 
@@ -812,8 +811,8 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     ram_warnings = _ram_warnings(devices, sizes, dtype)
     quantized = sizes.transformer.stored_bytes is not None
     if quantized and "fp8-storage" in forced:
-        raise PlanError("fp8-storage cannot be combined with a GGUF transformer (--transformer-file): its weights are "
-                        "already quantized. Drop fp8-storage from --memory-options.")
+        raise PlanError("fp8-storage cannot be combined with a GGUF transformer (--transformer-file, or plan "
+                        "--gguf-quant): its weights are already quantized. Drop fp8-storage from --memory-options.")
 
     if device == "cpu":
         if requested_profile not in ("auto", "cpu"):
@@ -872,16 +871,22 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     ranked = sorted(weighed, key=speed)
     if requested_profile != "auto":
         reason = (f"{requested_profile} was asked for: predicted {chosen.seconds:.2f} s per image, peak "
-                  f"{_fmt_gb(peak)} of {_fmt_gb(budget)} usable")
+                  f"{_fmt_gb(peak)} of {_fmt_gb(budget)} usable{'' if fits else ' (it does not fit)'}")
         auto, _ = _choose(everything)
-        if auto is not None and auto.candidate != candidate and auto.seconds < chosen.seconds:
-            reason += (f"; auto would pick {_describe(auto.candidate)} "
-                       f"({auto.seconds:.2f} s, {_speedup(chosen.seconds, auto.seconds, up=True)} faster)")
+        if auto is not None and auto.candidate != candidate:
+            if auto.seconds < chosen.seconds:
+                reason += (f"; auto would pick {_describe(auto.candidate)} "
+                           f"({auto.seconds:.2f} s, {_speedup(chosen.seconds, auto.seconds, up=True)} faster)")
+            elif not fits:
+                reason += (f"; auto would pick {_describe(auto.candidate)}, which fits "
+                           f"({_fmt_gb(auto.peak)}, {auto.seconds:.2f} s)")
         ranked = sorted({id(w): w for w in everything + weighed}.values(), key=speed)
     elif fits:
         skipped = [w for w in ranked if w.fits and w.seconds < chosen.seconds]  # lossier, and not faster enough
+        beyond = " beyond those asked for" if any(o in LOSSY_OPTIONS for o in forced) else ""
         what = "the fastest placement that fits" if not skipped else (
-            f"the fastest that fits with {chosen.lossy or 'no'} lossy option{'' if chosen.lossy == 1 else 's'}")
+            f"the fastest that fits with {chosen.lossy or 'no'} lossy option{'' if chosen.lossy == 1 else 's'}"
+            f"{beyond}")
         reason = (f"{_describe(candidate)} is {what}: predicted {chosen.seconds:.2f} s per image, peak "
                   f"{_fmt_gb(peak)} within {_fmt_gb(budget)} usable ({free_gib} free minus "
                   f"{_fmt_gb(reserve_bytes)} reserve)")

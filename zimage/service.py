@@ -1209,7 +1209,7 @@ def _loggable_loras(loras: Any) -> Any:
         if len(loras) <= MAX_LORAS and all(isinstance(name, str) and len(name) <= 200 and _is_number(weight)
                                             and math.isfinite(weight) for name, weight in loras):
             return [{"name": name, "weight": weight} for name, weight in loras]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a whole number too large for a float
         pass
     return _shown(loras, 120)
 
