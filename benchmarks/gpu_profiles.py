@@ -433,7 +433,7 @@ def _measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None],
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "architecture": arch.name, "machine": machine(device),
         "width": 1024, "height": 1024, "steps": DEFAULT_STEPS, "dtype": "bf16", "repeats": args.repeats,
-        "build_and_save_s": build_s, "throughput": result_throughput,
+        "build_and_save_s": build_s, "throughput": result_throughput, "budget_s": args.budget_s,
     }
     tokens = caption_tokens(folder)
     flops = transformer_flops_per_image(arch.transformer, 1024, 1024, DEFAULT_STEPS, tokens)
@@ -543,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Also measure the transformer written as this GGUF type (about a minute to write on "
                              "the full-size model; Q8_0 about twice that); '' skips it.")
     args = parser.parse_args(argv)
+    if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s >= 0):
+        parser.error(f"--budget-s {args.budget_s:g}: give the seconds as a number from 0 up, or leave it out for "
+                     "no budget")
     if not args.tiny:
         import torch
 

@@ -124,6 +124,12 @@ def test_gpu_benchmark_keeps_to_its_time_budget_and_says_what_it_left_out(tmp_pa
                                  "cpu [GGUF]: no time left to write the GGUF file",
                                  "prompt cache on cpu: the time budget (--budget-s) ran out"]
     assert "Not measured in this run: cpu: the time budget" in (tmp_path / "RESULTS.md").read_text()
+    assert result["budget_s"] == 0
+    for bad in ("-1", "nan", "inf"):
+        refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_profiles.py"), "--tiny",
+                                  "--budget-s", bad, "--out", str(tmp_path / "no")], capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 2 and "from 0 up" in refused.stderr and not (tmp_path / "no").exists()
 
 
 def test_service_benchmark_quick_mode(tmp_path: Path, data_dir: Path) -> None:

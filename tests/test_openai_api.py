@@ -302,6 +302,9 @@ def test_body_edge_cases_get_their_own_messages(tmp_path: Path) -> None:
     deep = '{"prompt": "a cat", "loras": ' + "[" * 100_000 + "]" * 100_000 + "}"  # valid JSON, too deep for Python
     answer = client.post("/v1/images/generations", content=deep, headers={"content-type": "application/json"})
     assert answer.status_code == 400 and "nested too deeply" in answer.json()["error"]["message"]
+    digits = '{"prompt": "a cat", "n": 1' + "0" * 5000 + "}"  # valid JSON, beyond Python's 4300-digit limit
+    answer = client.post("/v1/images/generations", content=digits, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "thousands of digits" in answer.json()["error"]["message"]
     png = io.BytesIO()
     Image.new("RGB", (256, 256)).save(png, format="PNG")
     for loras, expected in (("", ()), ('[["style", 0.5]]', (("style", 0.5),))):  # empty is no LoRA, as in JSON
@@ -309,7 +312,8 @@ def test_body_edge_cases_get_their_own_messages(tmp_path: Path) -> None:
                              files={"image": ("in.png", png.getvalue(), "image/png")})
         assert "the service stops here" in answer.json()["error"]["message"]
         assert service.requests[-1].loras == expected
-    answer = client.post("/v1/images/edits", data={"prompt": "a cat", "loras": "style:0.5"},
-                         files={"image": ("in.png", png.getvalue(), "image/png")})
-    assert answer.json()["error"]["message"].startswith("loras='style:0.5' is not JSON")
-    assert answer.json()["error"]["param"] == "loras"
+    for loras, message in (("style:0.5", "loras='style:0.5' is not JSON"),
+                           ("[" * 100_000 + "]" * 100_000, "is JSON nested too deeply")):
+        answer = client.post("/v1/images/edits", data={"prompt": "a cat", "loras": loras},
+                             files={"image": ("in.png", png.getvalue(), "image/png")})
+        assert message in answer.json()["error"]["message"] and answer.json()["error"]["param"] == "loras"

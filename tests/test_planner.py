@@ -349,6 +349,7 @@ def test_a_forced_profile_that_does_not_fit_says_so_and_names_what_would() -> No
     balanced = plan_memory(hypothetical_devices(12, gpus=2), PUBLISHED_SIZES, requested_profile="balanced")
     assert not balanced.fits and 12 * GIB < balanced.predicted_peak_bytes < 20 * GIB
     assert all(c.predicted_peak_bytes < 64 * GIB for c in balanced.candidates)
+    assert balanced.describe() == "balanced on cuda:0, cuda:1 (bf16)"  # where its components go
 
 
 @pytest.mark.parametrize("profile", ["model-offload", "group-offload", "sequential-offload", "full", "balanced"])

@@ -283,12 +283,9 @@ def build_router(service: GenerationService, settings: Settings, *, replica_id: 
             await authorize(request)
             try:
                 fields = await request.json()
-            except RecursionError:  # valid JSON, nested deeper than Python's parser goes
-                raise ApiError(400, "the body is JSON nested too deeply to read: no field of this API needs more "
-                                    "than a few levels.") from None
-            except (ValueError, UnicodeDecodeError):
-                raise ApiError(400, "the body is not JSON: send {\"prompt\": \"...\"} with Content-Type "
-                                    "application/json.") from None
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                raise ApiError(400, _unreadable_json("the body", exc) + ": send {\"prompt\": \"...\"} with "
+                                    "Content-Type application/json.") from None
             if not isinstance(fields, dict):
                 raise ApiError(400, f"the body must be a JSON object; got {_shown(fields)}.")
             job_request = request_from(fields, _GENERATION_FIELDS, "/v1/images/generations")
@@ -375,9 +372,9 @@ def _edit_request(fields: dict, uploads: dict[str, tuple[bytes, str]], settings:
     if isinstance(fields.get("loras"), str) and fields["loras"].strip():  # empty: no LoRA, as in a JSON body
         try:
             fields["loras"] = json.loads(fields["loras"])
-        except (ValueError, RecursionError):
-            raise ApiError(400, f"loras={_shown(fields['loras'])} is not JSON: a form field holds it as JSON text, "
-                                "e.g. [{\"name\": \"NAME\", \"weight\": 0.8}].", param="loras") from None
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, _unreadable_json(f"loras={_shown(fields['loras'])}", exc) + ": a form field holds it "
+                                "as JSON text, e.g. [{\"name\": \"NAME\", \"weight\": 0.8}].", param="loras") from None
     try:
         source = read_image(uploads["image"][0], uploads["image"][1], max_bytes=max_bytes)
     except ValidationError as exc:
@@ -426,6 +423,16 @@ def _form_number(text: str, name: str, *, whole: bool) -> int | float:
     except ValueError:
         kind = "a whole number" if whole else "a number"
         raise ApiError(400, f"{name}={_shown(text)} is not {kind}.", param=name) from None
+
+
+def _unreadable_json(what: str, exc: BaseException) -> str:
+    """Why ``what`` could not be read as JSON: invalid, nested deeper than Python's parser goes, or holding a number
+    with more digits than Python converts (its int_max_str_digits limit, 4300 by default)."""
+    if isinstance(exc, RecursionError):
+        return f"{what} is JSON nested too deeply to read (no field of this API needs more than a few levels)"
+    if "integer string conversion" in str(exc):
+        return f"{what} holds a number with thousands of digits, more than can be read (no field needs one)"
+    return f"{what} is not JSON"
 
 
 def _internal_error(service: GenerationService, exc: Exception) -> ApiError:

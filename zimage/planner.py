@@ -292,6 +292,8 @@ class MemoryPlan:
         """One line for logs and the UI, e.g. ``model-offload + vae-tiling on cuda:0 (bf16)``."""
         name = " + ".join((self.profile,) + self.options)
         where = "" if self.profile == "cpu" else f" on {self.device}"
+        if self.profile == "balanced" and len(self.gpu_indices) > 1:  # its components spread over these GPUs
+            where = " on " + ", ".join(f"cuda:{index}" for index in self.gpu_indices)
         return f"{name}{where} ({self.dtype})"
 
 
