@@ -764,6 +764,11 @@ def device_throughput(devices: DeviceFacts, device: str) -> Throughput:
     return _gpu(devices, device).throughput or DEFAULT_THROUGHPUT
 
 
+def _speed(w: _Weighed) -> tuple[float, int, int]:
+    """Fastest first; among equal predictions the fewer options, then the earlier candidate."""
+    return w.seconds, len(w.candidate.options), w.order
+
+
 def _choose(weighed: list[_Weighed]) -> tuple[_Weighed | None, str]:
     """The fastest fitting candidate, where each lossy option has to earn its place: starting from the fastest
     lossless one, the fastest with at most one more lossy option replaces the choice only when it is predicted more
@@ -771,17 +776,16 @@ def _choose(weighed: list[_Weighed]) -> tuple[_Weighed | None, str]:
     every lossless candidate that fits, and never more than that share slower than the fastest that fits. Returns
     (choice or None, why it is lossy: "" when it is not)."""
     fitting = [w for w in weighed if w.fits]
-    speed = lambda w: (w.seconds, len(w.candidate.options), w.order)  # noqa: E731
     chosen: _Weighed | None = None
     for level in range(max((w.lossy for w in fitting), default=-1) + 1):
-        best = min((w for w in fitting if w.lossy <= level), key=speed, default=None)
+        best = min((w for w in fitting if w.lossy <= level), key=_speed, default=None)
         if best is None or best is chosen:
             continue
         if chosen is None or best.seconds * (1 + TIME_TIE_SHARE) < chosen.seconds:
             chosen = best
     if chosen is None or not chosen.lossy:
         return chosen, ""
-    lossless = min((w for w in fitting if not w.lossy), key=speed, default=None)
+    lossless = min((w for w in fitting if not w.lossy), key=_speed, default=None)
     if lossless is None:
         return chosen, "nothing lossless fits"
     return chosen, (f"{_speedup(lossless.seconds, chosen.seconds, up=True)} faster than the fastest lossless one, "
@@ -869,8 +873,7 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
         chosen = min(weighed, key=lambda w: (w.lossy, w.peak, w.order))
     peak, budget, indices, candidate = chosen.peak, chosen.budget, chosen.indices, chosen.candidate
     free_gib = _fmt_gb(budget + reserve_bytes)
-    speed = lambda w: (w.seconds, len(w.candidate.options), w.order)  # noqa: E731
-    ranked = sorted(weighed, key=speed)
+    ranked = sorted(weighed, key=_speed)
     if requested_profile != "auto":
         reason = (f"{requested_profile} was asked for: predicted {chosen.seconds:.2f} s per image, peak "
                   f"{_fmt_gb(peak)} of {_fmt_gb(budget)} usable{'' if fits else ' (it does not fit)'}")
@@ -882,7 +885,7 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
             elif not fits:
                 reason += (f"; auto would pick {_describe(auto.candidate)}, which fits "
                            f"({_fmt_gb(auto.peak)}, {auto.seconds:.2f} s)")
-        ranked = sorted({id(w): w for w in everything + weighed}.values(), key=speed)
+        ranked = sorted({id(w): w for w in everything + weighed}.values(), key=_speed)
     elif fits:
         skipped = [w for w in ranked if w.fits and w.seconds < chosen.seconds]  # lossier, and not faster enough
         beyond = " beyond those asked for" if any(o in LOSSY_OPTIONS for o in forced) else ""
