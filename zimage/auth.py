@@ -33,6 +33,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .errors import openai_error_body
+
 SESSION_COOKIE = "zimage_session"
 #: How long a sign-in lasts (the cookie's Max-Age and the server-side expiry).
 SESSION_TTL_S = 7 * 24 * 3600
@@ -245,11 +247,6 @@ def _json(status: int, body: dict, headers: dict | None = None) -> Any:
     return JSONResponse(body, status_code=status, headers={"cache-control": "no-store", **(headers or {})})
 
 
-def _openai_error(message: str, type_: str, code: str) -> dict:
-    """OpenAI's error body (``{"error": {"message", "type", "param", "code"}}``), as the REST API answers."""
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
-
-
 # ---------------------------------------------------------------------------------------------------
 # The guard
 
@@ -313,10 +310,10 @@ class Guard:
         if wrong:
             message = "Wrong user name or password in the HTTP Basic credentials."
             if _app_path(scope).startswith(self.openai_prefixes):
-                return _json(401, _openai_error(message, "invalid_request_error", "invalid_credentials"))
+                return _json(401, openai_error_body(message, "invalid_request_error", "invalid_credentials"))
             return _json(401, {"error": "Incorrect credentials", "detail": message})
         if _app_path(scope).startswith(self.openai_prefixes):
-            return _json(401, _openai_error(
+            return _json(401, openai_error_body(
                 "Not signed in: this server's REST API sits behind its sign-in. Send HTTP Basic credentials of a "
                 "user:password pair (openai SDK: default_headers={'Authorization': 'Basic ...'}), or ask the "
                 "operator to start it with --api-key and send that key as the SDK's api_key.",
@@ -329,7 +326,7 @@ class Guard:
         seconds = max(1, int(wait_s + 0.999))
         message = f"Too many failed sign-ins from this address: try again in {seconds} s."
         if _app_path(scope).startswith(self.openai_prefixes):
-            return _json(429, _openai_error(message, "rate_limit_error", "too_many_failed_sign_ins"),
+            return _json(429, openai_error_body(message, "rate_limit_error", "too_many_failed_sign_ins"),
                          headers={"retry-after": str(seconds)})
         if "text/html" in (_header(scope, b"accept") or ""):
             from starlette.responses import HTMLResponse

@@ -13,6 +13,12 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({length} characters)"
 
 
+def openai_error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
+    """OpenAI's error JSON, ``{"error": {"message", "type", "param", "code"}}``: what the REST API answers, and the
+    sign-in in front of it, so that the SDKs raise their usual exceptions."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, cut at a word to at most ``limit`` characters and then marked with
     "..." (its type's name when empty)."""

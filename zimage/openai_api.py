@@ -42,6 +42,7 @@ import fastapi  # the REST door is FastAPI's (its handlers' annotations are reso
 from .auth import FAILURE_DELAY_S, FailureLimiter
 from .errors import GenerationCancelled, QueueFull, ServiceNotReady, ValidationError, ZImageError
 from .errors import first_line as _first_line
+from .errors import openai_error_body
 from .errors import shown as _shown
 from .jobs import watch
 from .lora import loras_from_request
@@ -82,7 +83,7 @@ class ApiError(Exception):
         headers = {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else {}
         if replica_id:
             headers["x-zimage-replica"] = replica_id
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        body = openai_error_body(self.message, self.type, self.code, self.param)
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
