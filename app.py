@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None, *, service_factory: Callable | None = No
         return 2
     # Before gradio is imported: some of its modules read this at import time.
     os.environ["GRADIO_TEMP_DIR"] = str(gradio_cache_dir(settings, os.environ))
+    from zimage.hardware import configure_cuda_allocator
+
+    configure_cuda_allocator(os.environ)  # before the first CUDA allocation
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     from zimage.logs import configure_logging

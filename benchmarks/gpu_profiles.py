@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -63,8 +64,11 @@ class Case:
     use_streams: bool | None = None  # group-offload only: None = the planner's choice (streams on CUDA)
     max_repeats: int | None = None  # cap for very slow placements
     attention_backend: str = "native"  # --attention-backend: a kernel missing on this machine fails only its row
-    compile: bool = False  # --compile: regional compilation; its compile + warm-up time is in the load time
+    #: --compile (auto: where it composes, as the server does by default); the compile and warm-up are in load_s.
+    compile: str = "auto"
     gguf: bool = False  # the transformer from the GGUF file written by write_gguf (--transformer-file)
+    #: Also time the first request of sizes the warm-up did not compile (the cost of a new size).
+    new_sizes: bool = False
 
     @property
     def label(self) -> str:
@@ -73,48 +77,44 @@ class Case:
             name += " (streams)" if self.use_streams else " (no streams)"
         if self.attention_backend != "native":
             name += f" [attention {self.attention_backend}]"
-        if self.compile:
-            name += " [compiled]"
+        if self.compile == "off":
+            name += " [eager]"
         if self.gguf:
             name += " [GGUF]"
         return name
 
 
 GPU_CASES = (
-    # First what the issue's targets rest on: the placements the planner picks for 8-24 GB cards.
-    Case("full"),
+    # First what the issue's targets rest on: the placements for 24, 16, 12 and 8 GB cards, compiled where it composes
+    # (the server's default), with the text encoder streamed at leaf level.
+    Case("full", new_sizes=True),
     Case("transformer-resident"),
-    Case("transformer-resident", ("fp8-storage",), max_repeats=3),
-    # A GGUF transformer (the 8 GB target: resident, the text encoder streamed); next to the bf16 transformer-resident
-    # row it shows what dequantizing at every step costs.
-    Case("transformer-resident", gguf=True, max_repeats=3),
-    Case("model-offload"),
-    Case("group-offload", ("fp8-storage",), use_streams=True, max_repeats=3),
-    Case("group-offload", (), use_streams=True, max_repeats=3),
-    # The text encoder's fp8 storage and the rest of the options.
-    Case("transformer-resident", ("te-fp8-storage",), max_repeats=3),
-    Case("full", ("te-fp8-storage",), max_repeats=3),
-    Case("full", ("fp8-storage",)),
-    Case("model-offload", ("fp8-storage",)),
-    # The attention kernels and regional compilation, on the fastest placement (their speed-up is not measured yet).
-    Case("full", attention_backend="auto", max_repeats=3),
-    Case("full", attention_backend="flash", max_repeats=3),
-    Case("full", attention_backend="_flash_3", max_repeats=3),
-    Case("full", attention_backend="_native_cudnn", max_repeats=3),
-    Case("full", compile=True, max_repeats=3),
-    # The slow placements are timed fewer times.
-    Case("group-offload", (), use_streams=False, max_repeats=3),
+    Case("transformer-resident", ("fp8-compute",)),
+    Case("group-offload", ("fp8-storage",), use_streams=True, max_repeats=2),
+    Case("transformer-resident", ("fp8-storage",), max_repeats=2),
+    # What compilation and fp8 compute give on their own, and the rest of the options.
+    Case("full", compile="off"),
+    Case("transformer-resident", compile="off", max_repeats=2),
+    Case("full", ("fp8-compute",)),
+    Case("group-offload", (), use_streams=True, max_repeats=2),
+    Case("full", ("step-cache",), compile="off", max_repeats=2),
+    Case("transformer-resident", ("te-fp8-storage",), max_repeats=2),
+    Case("full", ("fp8-storage",), max_repeats=2),
+    Case("transformer-resident", gguf=True, max_repeats=2),
+    Case("model-offload", max_repeats=1),
+    Case("full", attention_backend="_native_cudnn", max_repeats=2),
+    Case("group-offload", (), use_streams=False, max_repeats=1),
     Case("sequential-offload", (), max_repeats=1),
-    Case("full", ("attention-slicing",)),
-    Case("full", ("vae-tiling",)),
-    Case("model-offload", ("attention-slicing",)),
-    Case("model-offload", ("vae-tiling",)),
+    Case("full", ("vae-tiling",), max_repeats=2),
 )
 #: Emulated cards: (GB, with the GGUF transformer), the issue's targets first.
-GPU_CARDS = ((16, False), (12, False), (8, True), (8, False), (24, False))
+GPU_CARDS = ((16, False), (12, False), (8, False), (24, False), (8, True))
 CPU_CASES = (Case("cpu"), Case("cpu", gguf=True))
 #: How many of GPU_CASES run before the emulated cards: a run cut short by its time budget still has them.
-CORE_CASES = 7
+CORE_CASES = 5
+#: Sizes (width, height, images) the compile warm-up did not see (zimage.service.WARM_UP_SHAPES): the first request
+#: of each is timed against the next one, which shows whether a new size stalls its user for a recompilation.
+NEW_SIZES = ((1280, 720, 1), (720, 1280, 1), (1024, 1024, 2))
 #: A step is started only when the time left is more than this, or than the last step took if that was longer.
 MIN_STEP_S = 20.0
 #: The GGUF file is written only when this much time is left (about a minute on the full-size model).
@@ -163,18 +163,26 @@ def markdown(result: dict) -> str:
         "timed runs (n) after a warm-up. Weights are random: memory and speed are the real model's, "
         "the images are not.",
         "",
-        "| placement | peak allocated | peak reserved | predicted peak (error) | median latency | predicted s/image "
-        "(error) | x compute floor | RAM (RSS) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| placement | compiled | peak allocated | peak reserved | predicted peak (error) | median latency | "
+        "encode / denoise / decode | predicted s/image (error) | x compute floor | pixels vs full | RAM (RSS) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["profiles"]:
         if row["ok"]:
-            lines.append(f"| {row['label']} | {row['peak_allocated_bytes'] / GIB:.2f} GiB | "
+            lines.append(f"| {row['label']} | {'yes' if row.get('compiled') else 'no'} | "
+                         f"{row['peak_allocated_bytes'] / GIB:.2f} GiB | "
                          f"{row['peak_reserved_bytes'] / GIB:.2f} GiB | {_predicted_peak(row)} | "
-                         f"{row['median_s']:.2f} s (n={len(row['latencies_s'])}) | {_predicted_time(row)} | "
-                         f"{row['median_s'] / floor['floor_s']:.1f}x | {row['rss_gb']:.1f} GB |")
+                         f"{row['median_s']:.2f} s (n={len(row['latencies_s'])}) | {_stages(row)} | "
+                         f"{_predicted_time(row)} | {row['median_s'] / floor['floor_s']:.1f}x | {_drift(row)} | "
+                         f"{row['rss_gb']:.1f} GB |")
         else:
-            lines.append(f"| {row['label']} | - | - | - | - | - | - | failed: {row['error'][:80]} |")
+            lines.append(f"| {row['label']} | - | - | - | - | - | - | - | - | - | failed: {row['error'][:80]} |")
+    for row in result["profiles"]:
+        if row.get("new_sizes"):
+            lines += ["", f"Sizes the compile warm-up did not see, on {row['label']} (first request, then the next):",
+                      "", "| size | images | first | next |", "| --- | --- | --- | --- |"]
+            lines += [f"| {n['size'][0]}x{n['size'][1]} | {n['images']} | {n['first_s']:.2f} s | {n['again_s']:.2f} s |"
+                      for n in row["new_sizes"]]
     lines += [
         "",
         f"Compute floor: the transformer does {floor['transformer_tflop_per_image']:.3g} TFLOP per image "
@@ -184,7 +192,10 @@ def markdown(result: dict) -> str:
     if result.get("throughput"):
         t = result["throughput"]
         lines += ["", f"Start-up probe (the planner's rates): {t['bf16_tflops']:.1f} TFLOP/s bf16, "
-                      f"{t['h2d_gbps']:.1f} GB/s host-to-device, {t['memory_gbps']:.0f} GB/s memory."]
+                      f"{t['h2d_gbps']:.1f} GB/s host-to-device (pinned), "
+                      f"{t.get('pageable_gbps', float('nan')):.2f} GB/s pageable round trip, "
+                      f"{t['memory_gbps']:.0f} GB/s memory. Allocator: "
+                      f"PYTORCH_CUDA_ALLOC_CONF={result.get('cuda_alloc_conf') or '(default)'}."]
     if result.get("gguf"):
         g = result["gguf"]
         lines += ["", f"GGUF transformer: {g['quant']}, {g['stored_bytes'] / GIB:.2f} GiB of tensors, written in "
@@ -206,12 +217,26 @@ def markdown(result: dict) -> str:
             latency = f"{run['median_s']:.2f} s" if run["ok"] else "-"
             floor_x = f"{run['median_s'] / floor['floor_s']:.2f}x" if run["ok"] else "-"
             name = f"{card['card_gb']} GB" + (" + GGUF" if card.get("gguf") else "")
+            if run.get("reused"):
+                name += " (measured row)"
             lines.append(f"| {name} | {run['label']} | {run.get('predicted_peak_bytes', 0) / GIB:.2f} GiB | "
                          f"{measured} | {error} | {latency} | {_predicted_time(run) if run['ok'] else '-'} | "
                          f"{floor_x} | {', '.join(fitting_placements(result, card)) or 'none'} |")
     if result.get("skipped"):
         lines += ["", "Not measured in this run: " + "; ".join(result["skipped"]) + "."]
     return "\n".join(lines)
+
+
+def _stages(row: dict) -> str:
+    stages = row.get("stages_s") or {}
+    if not stages:
+        return "-"
+    return " / ".join(f"{stages.get(name, float('nan')):.2f}" for name in ("encode_s", "denoise_s", "decode_s")) + " s"
+
+
+def _drift(row: dict) -> str:
+    drift = row.get("pixels_vs_full")
+    return "-" if not drift else f"{drift['mean_abs_levels']:.1f} levels"
 
 
 def _predicted_peak(row: dict) -> str:
@@ -303,10 +328,31 @@ def write_gguf(folder: Path, quant: str, path: Path) -> dict:
     return {"quant": quant, "path": str(path), "stored_bytes": stored, "write_s": time.perf_counter() - started}
 
 
+#: The pixels of each measured placement's first image (same prompt and seed), to say how far lossy options move them.
+REFERENCE_PIXELS: dict[str, Any] = {}
+
+
+def pixel_distance(pixels: Any, reference: Any) -> dict[str, float]:
+    """Mean absolute difference in 0-255 levels and relative L2 distance of two images of the same shape."""
+    import numpy as np
+
+    a, b = np.asarray(pixels, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    return {"mean_abs_levels": float(np.abs(a - b).mean()),
+            "relative_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-9))}
+
+
+def _stage_medians(results: list) -> dict[str, float]:
+    stages = ("encode_s", "denoise_s", "decode_s")
+    return {name: statistics.median(r.timings[name] for r in results) for name in stages
+            if all(name in r.timings for r in results)}
+
+
 def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, device: str,
              gguf_file: Path | None = None) -> dict:
     """Load the pipeline with this placement through the service (the transformer from ``gguf_file`` for a GGUF
-    case), generate, and measure."""
+    case), generate, and measure: seconds and peak memory of each stage, the predicted ones beside them, and how far
+    the image is from the ``full`` one (lossy options)."""
+    import numpy as np
     import psutil
 
     from zimage.errors import ZImageError
@@ -339,22 +385,43 @@ def run_case(folder: Path, case: Case, devices: Any, repeats: int, work: Path, d
         row.update(label=case.label if case.profile != "auto" else plan.describe(), profile=plan.profile,
                    options=list(plan.options), predicted_peak_bytes=plan.predicted_peak_bytes,
                    predicted_seconds=plan.predicted_seconds, bytes_moved_per_image=plan.bytes_moved_per_image,
-                   attention_backend=service.attention_backend, compiled=case.compile)
+                   predicted_stages=plan.stages.to_json() if plan.stages else None,
+                   attention_backend=service.attention_backend, compiled=plan.compiled)
         request = GenerationRequest(prompt=PROMPT, width=1024, height=1024, steps=DEFAULT_STEPS, seed=1)
         service.generate(request)  # warm-up: kernels, allocator, offload hooks
         reset_gpu_peak(device)
-        latencies = []
+        results = []
         for _ in range(min(repeats, case.max_repeats or repeats)):
             result = service.generate(request)
             if result.recoveries:  # the service stepped down: this placement did not run as asked
                 raise ZImageError(f"out of memory, recovered by: {'; '.join(result.recoveries)}")
-            latencies.append(result.timings["generate_s"])
+            results.append(result)
         stats = gpu_memory_stats(device)
+        # The service's stage meter resets the peak at every stage: the job's peak is the largest stage peak.
+        for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
+            stats[key] = max([stats.get(key, 0)] + [max(row.get(key, 0) for row in r.stage_peaks.values())
+                                                    for r in results if r.stage_peaks])
+        latencies = [r.timings["generate_s"] for r in results]
+        pixels = np.asarray(results[0].images[0].convert("RGB"))
+        reference = REFERENCE_PIXELS.setdefault("full", pixels) if case.profile == "full" and not case.options \
+            and not case.gguf else REFERENCE_PIXELS.get("full")
         row.update(ok=True, latencies_s=latencies, median_s=statistics.median(latencies),
+                   stages_s=_stage_medians(results), stage_peaks=results[-1].stage_peaks,
                    peak_allocated_bytes=stats.get("peak_allocated_bytes", 0),
                    peak_reserved_bytes=stats.get("peak_reserved_bytes", 0),
                    rss_gb=psutil.Process().memory_info().rss / 1e9)
-    except (ZImageError, PlanError, RuntimeError) as exc:
+        if reference is not None and reference is not pixels:
+            row["pixels_vs_full"] = pixel_distance(pixels, reference)
+        if case.new_sizes and plan.compiled:
+            row["new_sizes"] = []
+            for width, height, images in NEW_SIZES:
+                sized = GenerationRequest(prompt=PROMPT, width=width, height=height, steps=DEFAULT_STEPS, seed=1,
+                                          num_images=images)
+                first = service.generate(sized).timings["generate_s"]
+                again = service.generate(sized).timings["generate_s"]
+                row["new_sizes"].append({"size": [width, height], "images": images, "first_s": first,
+                                         "again_s": again})
+    except Exception as exc:  # noqa: BLE001 - a failed case is a row (torch's compiler raises its own types), the run goes on
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
         service.unload()  # the next case loads its own pipeline into the freed memory
@@ -427,13 +494,16 @@ def _measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None],
     if devices.gpus and devices.gpus[0].throughput is not None:
         t = devices.gpus[0].throughput
         result_throughput = {"bf16_tflops": t.bf16_tflops, "h2d_gbps": t.h2d_gbps, "memory_gbps": t.memory_gbps,
-                             "source": t.source}
+                             "pageable_gbps": t.pageable_gbps, "source": t.source}
     else:
         result_throughput = None
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "architecture": arch.name, "machine": machine(device),
         "width": 1024, "height": 1024, "steps": DEFAULT_STEPS, "dtype": "bf16", "repeats": args.repeats,
         "build_and_save_s": build_s, "throughput": result_throughput, "budget_s": args.budget_s,
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        "compute_capability": list(devices.gpus[0].compute_capability) if devices.gpus else None,
+        "fp8_compute_library": devices.fp8_compute_library,
     }
     tokens = caption_tokens(folder)
     flops = transformer_flops_per_image(arch.transformer, 1024, 1024, DEFAULT_STEPS, tokens)
@@ -466,13 +536,17 @@ def _measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None],
             continue
         print(f"{kind} {name} ...", file=sys.stderr)
         step_started = time.perf_counter()
-        if kind == "case":
-            result["profiles"].append(run_case(folder, what, devices, args.repeats, work, device, gguf_file))
-        elif kind == "prompt-cache":
-            result["prompt_cache"].append(measure_prompt_cache(folder, what, devices, work, device))
-        else:
-            result["cards"].append(emulate_card(folder, what, devices, work, device, gguf_file,
-                                                [c for k, c in planned if k == "case"] if args.emulate_all else ()))
+        try:
+            if kind == "case":
+                result["profiles"].append(run_case(folder, what, devices, args.repeats, work, device, gguf_file))
+            elif kind == "prompt-cache":
+                result["prompt_cache"].append(measure_prompt_cache(folder, what, devices, work, device))
+            else:
+                result["cards"].append(emulate_card(folder, what, devices, work, device, gguf_file,
+                                                    [c for k, c in planned if k == "case"] if args.emulate_all
+                                                    else (), measured=result["profiles"]))
+        except Exception as exc:  # noqa: BLE001 - one failed step must not cost the rest of a short GPU lease
+            result["skipped"].append(f"{name}: failed ({type(exc).__name__}: {str(exc)[:120]})")
         last_step_s = time.perf_counter() - step_started
         save(result)
     return result
@@ -488,21 +562,43 @@ def step_name(kind: str, what: Any) -> str:
 
 
 def emulate_card(folder: Path, card: tuple[float, bool], devices: Any, work: Path, device: str,
-                 gguf_file: Path | None, run_all: Any = ()) -> dict:
-    """``--memory-profile auto`` run for real on a card of ``card_gb`` emulated with
-    ``torch.cuda.set_per_process_memory_fraction``, with the probe's rates (so predicted seconds compare with measured
-    ones); ``run_all``: also run these cases there and list those that ran (``--emulate-all``)."""
+                 gguf_file: Path | None, run_all: Any = (), measured: list | None = None) -> dict:
+    """What ``--memory-profile auto`` picks on a card of ``card_gb``, with the probe's rates (so predicted seconds
+    compare with measured ones): when that placement was measured already (``measured``, the rows of this run) and
+    its measured peak fits the card, that row is reused (an unconstrained allocator reserves at least as much as a
+    constrained one); otherwise it is run for real on the card emulated with
+    ``torch.cuda.set_per_process_memory_fraction``. ``run_all``: also run these cases there and list those that ran
+    (``--emulate-all``)."""
     import torch
 
+    from zimage.loader import component_sizes, plan_for, resolve_model_source
     from zimage.planner import hypothetical_devices
+    from zimage.settings import Settings
 
     card_gb, with_gguf = card
+    gpu = devices.gpus[0] if devices.gpus else None
+    card_devices = hypothetical_devices(card_gb, 1, devices.ram_total_bytes / GIB,
+                                        throughput=gpu.throughput if gpu else None,
+                                        compute_capability=gpu.compute_capability if gpu else None,
+                                        fp8_compute_library=devices.fp8_compute_library)
+    settings = Settings(model=str(folder), device=device, transformer_file=gguf_file if with_gguf else None,
+                        outputs_dir=work / "outputs", data_dir=work / "data")
+    plan = plan_for(settings, card_devices, component_sizes(resolve_model_source(settings)))
+    auto = None
+    for row in measured or ():
+        if (row.get("ok") and row.get("profile") == plan.profile and tuple(row.get("options", ())) == plan.options
+                and row.get("compiled") == plan.compiled and ("[GGUF]" in row["label"]) == with_gguf
+                and "[attention" not in row["label"] and "(no streams)" not in row["label"]
+                and fits(row["peak_reserved_bytes"], card_gb, 1024**3)):
+            auto = dict(row, label=plan.describe(), reused=row["label"], predicted_peak_bytes=plan.predicted_peak_bytes,
+                        predicted_seconds=plan.predicted_seconds)
+            break
     total = torch.cuda.get_device_properties(device).total_memory
+    ran: list[str] = []
     torch.cuda.set_per_process_memory_fraction(min(1.0, card_gb * GIB / total), device)
     try:
-        throughput = devices.gpus[0].throughput if devices.gpus else None
-        card_devices = hypothetical_devices(card_gb, 1, devices.ram_total_bytes / GIB, throughput=throughput)
-        auto = run_case(folder, Case("auto", gguf=with_gguf), card_devices, 1, work, device, gguf_file)
+        if auto is None:
+            auto = run_case(folder, Case("auto", gguf=with_gguf), card_devices, 1, work, device, gguf_file)
         ran = [c.label for c in run_all if c.gguf == with_gguf
                and run_case(folder, c, card_devices, 1, work, device, gguf_file)["ok"]]
     finally:
@@ -546,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s >= 0):
         parser.error(f"--budget-s {args.budget_s:g}: give the seconds as a number from 0 up, or leave it out for "
                      "no budget")
+    from zimage.hardware import configure_cuda_allocator
+
+    configure_cuda_allocator(os.environ)  # as the server does, before the first CUDA allocation
     if not args.tiny:
         import torch
 

@@ -16,7 +16,7 @@ pin() {  # NAME -> NAME==VERSION from requirements.txt
 }
 # The versions this project is tested with; what the GPU machine has of the rest (numpy, safetensors, accelerate,
 # tokenizers, huggingface_hub, pillow, psutil, prometheus-client, pytest) is used as it is.
-packages=("$(pin diffusers)" "$(pin transformers)" "$(pin peft)" "$(pin gguf)" "regex==2026.11.19")
+packages=("$(pin diffusers)" "$(pin transformers)" "$(pin peft)" "$(pin gguf)" "regex==2026.11.19" "torchao==0.18.0")
 rm -rf .whl && mkdir -p .whl
 platforms=()
 for n in 39 35 34 31 28 27 24 17 5; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done

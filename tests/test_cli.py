@@ -51,8 +51,10 @@ def test_plan_json_for_a_hypothetical_card(data_dir: Path) -> None:
     done = run(["plan", "--vram-gb", "16", "--width", "1024", "--height", "1024", "--json"], data_dir)
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
-    assert plan["profile"] == "transformer-resident" and plan["options"] == []
+    # The 1024x1024 decode tips the resident transformer over the 14.5 GiB usable: tiled, it fits.
+    assert plan["profile"] == "transformer-resident" and plan["options"] == ["vae-tiling"] and plan["compiled"]
     assert plan["predicted_peak_bytes"] > 10 * 1024**3 and "fits" in plan["reason"]
+    assert set(plan["predicted_stages"]) == {"encode_s", "denoise_s", "decode_s", "transfers_s", "casts_s"}
     assert plan["predicted_seconds"] > 0 and plan["bytes_moved_per_image"] > 0
     seconds = [c["predicted_seconds"] for c in plan["candidates"]]
     assert seconds == sorted(seconds)
@@ -63,12 +65,16 @@ def test_plan_json_for_a_hypothetical_card(data_dir: Path) -> None:
 def test_plan_ranked_table_for_a_named_card(data_dir: Path) -> None:
     done = run(["plan", "--gpu-name", "RTX 4090"], data_dir)
     assert done.returncode == 0, done.stderr
-    assert "plan:      full on cuda:0" in done.stdout and "spec sheet of the RTX 4090 24GB (not measured)" in done.stdout
+    assert "plan:      full, compiled on cuda:0" in done.stdout
+    assert "spec sheet of the RTX 4090 24GB (not measured)" in done.stdout
+    assert "time:      6.02 s per image predicted: encode 0.39, denoise 5.02, decode 0.61" in done.stdout
     header = next(line for line in done.stdout.splitlines() if line.startswith("placement"))
     assert "peak" in header and "s/image" in header and "GB moved/image" in header
     assert "<- chosen" in done.stdout
-    given = run(["plan", "--vram-gb", "12", "--tflops", "100", "--pcie-gbps", "20", "--json"], data_dir)
-    assert json.loads(given.stdout)["throughput"]["bf16_tflops"] == 100
+    given = run(["plan", "--vram-gb", "12", "--tflops", "100", "--pcie-gbps", "20", "--pageable-gbps", "9", "--json"],
+                data_dir)
+    rates = json.loads(given.stdout)["throughput"]
+    assert (rates["bf16_tflops"], rates["h2d_gbps"], rates["pageable_gbps"]) == (100, 20, 9)
     unknown = run(["plan", "--gpu-name", "RTX 9999"], data_dir)
     assert unknown.returncode == 2 and "is not in the table" in unknown.stderr and "Traceback" not in unknown.stderr
 
@@ -86,6 +92,8 @@ def test_plan_ranked_table_for_a_named_card(data_dir: Path) -> None:
     # Denormal rates gave Infinity seconds (invalid JSON) and 300-digit numbers.
     (["--vram-gb", "24", "--tflops", "1e-320"], "--tflops=9.99989e-321 is out of range: use 0.1 to 100000"),
     (["--vram-gb", "24", "--pcie-gbps", "1e-12"], "--pcie-gbps=1e-12 is out of range"),
+    (["--vram-gb", "24", "--pageable-gbps", "0"], "--pageable-gbps=0 is out of range: use 0.01 to 10000 (GB/s)"),
+    (["--pageable-gbps", "5"], "describe a hypothetical card: add --vram-gb"),
     (["--gpus", "4"], "--gpus and --ram-gb describe a hypothetical machine"),  # was silently ignored
     (["--gpu-name", "a" * 2500], "... (2500 characters) is not in the table"),  # not echoed in full
     (["--transformer-file", "/tmp/" + "a" * 300 + ".gguf"], "longer than the 255 a file system allows"),
@@ -113,10 +121,11 @@ def test_plan_lists_cards_as_json_and_estimates_a_gguf_download(capsys: pytest.C
 
     assert main(["plan", "--gpu-name", "list", "--json"]) == 0
     cards = json.loads(capsys.readouterr().out)
-    assert {"name", "memory_gb", "dense_bf16_tflops", "memory_gbps", "pcie_gen", "pcie_lanes"} <= set(cards[0])
-    assert main(["plan", "--gpu-name", "RTX 4060 8GB", "--gguf-quant", "Q4_0", "--json"]) == 0
+    assert {"name", "memory_gb", "dense_bf16_tflops", "memory_gbps", "pcie_gen", "pcie_lanes", "pageable_gbps",
+            "compute_capability"} <= set(cards[0])
+    assert main(["plan", "--gpu-name", "RTX 4070 12GB", "--gguf-quant", "Q4_0", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert (plan["profile"], plan["options"]) == ("transformer-resident", [])  # the 8 GB target
+    assert (plan["profile"], plan["options"]) == ("transformer-resident", [])  # a Q4_0 file fits resident on 12 GB
     assert main(["plan", "--gpu-name", "RTX 4060 8GB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["profile"] == "group-offload"  # without the GGUF file
     # The name a driver reports finds the card, and the plan names the card it resolved to.

@@ -22,6 +22,7 @@ from zimage.loader import (
     ControlNetSource,
     apply_plan,
     choose_controlnet_file,
+    denoise_placement,
     enable_group_offload,
     load_controlnet,
     place_mode_pipeline,
@@ -234,7 +235,7 @@ def controlnet_reference(data_dir: Path) -> np.ndarray:
     return _controlnet_images(render.mode_pipeline(base, "controlnet", controlnet))
 
 
-def test_model_offload_hooks_survive_the_mode_pipelines_and_cover_the_controlnet(
+def test_model_offload_places_the_denoiser_as_one_around_a_controlnet_denoise(
         data_dir: Path, controlnet_reference: np.ndarray) -> None:
     base = _demo_pipe(data_dir)
     base.enable_model_cpu_offload(device="cpu")  # the real call; on a CPU it needs the device given
@@ -243,12 +244,38 @@ def test_model_offload_hooks_survive_the_mode_pipelines_and_cover_the_controlnet
     pipes = {mode: render.mode_pipeline(base, mode, controlnet) for mode in ALL_MODES}
     for mode, pipe in pipes.items():
         assert all(_has_offload_hook(getattr(pipe, name)) for name in ("text_encoder", "transformer", "vae")), mode
-    # diffusers' chain is text_encoder->transformer->vae: a pipeline built from components leaves the ControlNet out.
+    place_mode_pipeline(pipes["controlnet"], plan)  # nothing at load: diffusers' hooks cannot carry it (loader)
     assert not _has_offload_hook(controlnet)
-    place_mode_pipeline(pipes["controlnet"], plan)
-    assert _has_offload_hook(controlnet)
+    # Around the denoise: no hooks (the ControlNet borrows the transformer's first parameter, which makes
+    # accelerate's hook skip moving the transformer), the denoiser on the device as one, the text encoder in RAM.
+    # "meta" stands in for the GPU: it shows what moved where (and cannot be copied back: the exit fails here).
+    placement = denoise_placement(pipes["controlnet"], base, replace(plan, device="meta"))
+    placement.__enter__()
+    assert not any(_has_offload_hook(getattr(base, name)) for name in ("text_encoder", "transformer", "vae"))
+    for module in (base.transformer, controlnet, base.vae):
+        assert {p.device.type for p in module.parameters()} == {"meta"}
+    assert {p.device.type for p in base.text_encoder.parameters()} == {"cpu"}
+    with pytest.raises(NotImplementedError, match="meta"):
+        placement.__exit__(None, None, None)
+
+
+def test_model_offload_controlnet_denoise_gives_the_same_image_and_restores_the_hooks(
+        data_dir: Path, controlnet_reference: np.ndarray) -> None:
+    base = _demo_pipe(data_dir)
+    base.enable_model_cpu_offload(device="cpu")
+    plan = _cpu_plan("model-offload")
+    controlnet = load_controlnet(_controlnet_source(data_dir), plan, base)
+    pipe = render.mode_pipeline(base, "controlnet", controlnet)
+    place_mode_pipeline(pipe, plan)
+    with denoise_placement(pipe, base, plan):
+        images = _controlnet_images(pipe)
+    assert np.array_equal(images, controlnet_reference)  # placement moves weights, it does not change them
     assert all(_has_offload_hook(getattr(base, name)) for name in ("text_encoder", "transformer", "vae"))
-    assert np.array_equal(_controlnet_images(pipes["controlnet"]), controlnet_reference)  # hooks move, not change
+    assert not _has_offload_hook(controlnet)
+    # A text-to-image request after it still runs on the base pipeline's hooks.
+    base.set_progress_bar_config(disable=True)
+    assert base(prompt="a cat", width=256, height=256, num_inference_steps=2, guidance_scale=0.0,
+                output_type="np").images.shape == (1, 256, 256, 3)
 
 
 def test_group_offload_survives_and_the_controlnet_is_group_offloaded(
@@ -260,7 +287,7 @@ def test_group_offload_survives_and_the_controlnet_is_group_offloaded(
     pipes = {mode: render.mode_pipeline(base, mode, controlnet) for mode in ALL_MODES}
     for pipe in pipes.values():
         assert _has_diffusers_hook(pipe.transformer.layers[0], "group_offloading")
-        assert _has_diffusers_hook(pipe.text_encoder.layers[0], "group_offloading")
+        assert _has_diffusers_hook(pipe.text_encoder.layers[0].mlp.up_proj, "group_offloading")  # leaf level
     assert not _has_diffusers_hook(controlnet.control_layers[0], "group_offloading")
     for mode in ("controlnet", "controlnet_inpaint"):  # both ControlNet pipelines place the one ControlNet
         place_mode_pipeline(pipes[mode], plan)

@@ -436,6 +436,7 @@ def test_placement_table() -> None:
                plan("sequential-offload"), plan("cpu", device="cpu"), plan("full", ("vae-tiling",))):
         assert placement_problem(ok) is None, ok
     assert "fp8 weight storage" in placement_problem(plan("model-offload", ("fp8-storage",)))
+    assert "torchao float8 tensors" in placement_problem(plan("transformer-resident", ("fp8-compute",)))
     assert "on the CPU" in placement_problem(plan("model-offload", device="cpu"))
 
 

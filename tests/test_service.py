@@ -465,7 +465,7 @@ def test_oom_in_the_decode_retries_the_decode_with_tiling_for_that_request(demo_
     failures["left"] = 1
     recovered = service.generate(request(seed=5, **BIG))
     assert recovered.recoveries == ("out of memory in the decode: turned on VAE tiling "
-                                    "(full + vae-tiling on cuda:0 (bf16))",)
+                                    "(full + vae-tiling, compiled on cuda:0 (bf16))",)
     assert service._pipe.calls == 2 and vae.decodes == 3  # denoised once per request, decoded again
     after = service.generate(request(seed=5, **BIG))
     assert not vae.use_tiling and after.plan.options == () and service.base_plan.options == ()
@@ -510,9 +510,9 @@ def test_fp8_is_never_entered_unless_the_operator_allowed_it(demo_settings) -> N
 
 
 def test_a_request_that_fits_no_placement_is_refused_before_it_runs(demo_settings) -> None:
-    # A GPU with 800 MiB usable: the demo model at 1024x1024 fits on "full"; 2048x2048 x4 fits nothing.
+    # A GPU with 600 MiB usable: the demo model at 1024x1024 fits on "full"; 2048x2048 x4 fits nothing.
     reserve = demo_settings.reserve_mb * MIB
-    small_gpu = DeviceFacts(gpus=(GpuFacts(0, "small GPU", 2048 * MIB, 800 * MIB + reserve),),
+    small_gpu = DeviceFacts(gpus=(GpuFacts(0, "small GPU", 2048 * MIB, 600 * MIB + reserve),),
                             ram_total_bytes=64 * 1024 * MIB, ram_available_bytes=64 * 1024 * MIB)
     service, plans = make_service(demo_settings, Behaviour(failures=0), devices=small_gpu)
     before = service.generate(request(seed=9, width=1024, height=1024))

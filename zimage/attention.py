@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import ZImageError
 
@@ -121,15 +122,39 @@ def apply(pipe: Any, requested: str, device: str) -> str:
     return "native"
 
 
+@contextmanager
+def compiled_or_eager(compiled: bool) -> Iterator[None]:
+    """Run the transformer's compiled blocks when ``compiled``, else eagerly (torch's public
+    ``torch.compiler.set_stance("force_eager")``): for a request whose LoRA adapters changed the graph, which would
+    otherwise be compiled again on the spot (tens of seconds on a GPU). Nothing to do when nothing was compiled."""
+    if compiled:
+        yield
+        return
+    import torch
+
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
 def compile_transformer(pipe: Any, warm_up: Callable[[], None]) -> float:
     """Compile the transformer's repeated blocks (diffusers' regional compilation, ``fullgraph=True``: one
-    compiled block serves all 30) and run ``warm_up()`` so the first request does not pay for compiling.
-    Returns the seconds spent (compile and warm-up), which the caller logs."""
+    compiled block serves all 30) and run ``warm_up()`` so the first request does not pay for compiling; torch's
+    compiled graphs of an earlier pipeline are dropped first (``torch.compiler.reset``). Returns the seconds spent
+    (compile and warm-up), which the caller logs.
+
+    Measured on an H200 (benchmarks/results/gpu-nvidia-h200-2026-12-04-run3.json): 1.37 s per 1024x1024 image eager,
+    0.93 s compiled; after a warm-up at two shapes (zimage.service.WARM_UP_SHAPES) a size or batch not seen before
+    took 0.0-0.15 s more on its first request, not a recompilation."""
+    import torch
+
     started = time.perf_counter()
+    # A new pipeline (a reload) would otherwise add its graphs to those of the one it replaces, towards dynamo's
+    # recompile limit (hit on an H200 by the third pipeline of one process: FailOnRecompileLimitHit).
+    torch.compiler.reset()
     pipe.transformer.compile_repeated_blocks(fullgraph=True)
     warm_up()
     return time.perf_counter() - started
 
 
 __all__ = ["AUTO_ORDER", "BACKEND_CHOICES", "AttentionBackendError", "BackendChoice", "apply", "choose_backend",
-           "compile_transformer", "module_installed"]
+           "compile_transformer", "compiled_or_eager", "module_installed"]

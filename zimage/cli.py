@@ -20,7 +20,7 @@ _ENGINE_SETTINGS = ("model", "demo", "dtype", "device", "memory_profile", "memor
                     "attention_backend", "compile")
 _LORA_SETTINGS = ("model", "demo", "data_dir", "lora_dir")
 _PLAN_SETTINGS = ("model", "demo", "dtype", "device", "memory_profile", "memory_options", "auto_fp8",
-                  "reserve_mb", "data_dir", "controlnet", "transformer_file")
+                  "reserve_mb", "data_dir", "controlnet", "transformer_file", "compile")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tflops", type=float, metavar="TFLOPS",
                       help="With --vram-gb: the card's achieved bf16 matmul rate, TFLOP/s (overrides --gpu-name's).")
     plan.add_argument("--pcie-gbps", type=float, metavar="GBPS",
-                      help="With --vram-gb: its achieved host-to-device copy rate, GB/s (overrides --gpu-name's).")
+                      help="With --vram-gb: its achieved host-to-device copy rate from pinned memory, GB/s, which "
+                           "streamed offloading reaches (overrides --gpu-name's).")
+    plan.add_argument("--pageable-gbps", type=float, metavar="GBPS",
+                      help="With --vram-gb: the host's pageable round-trip rate, GB/s: a byte copied to the GPU from "
+                           "pageable memory and back into a new host tensor, as model offload does (the server's "
+                           "probe measures it; default 1.19, measured on an H200's host).")
     plan.add_argument("--memory-gbps", type=float, metavar="GBPS",
                       help="With --vram-gb: its achieved memory bandwidth, GB/s, read plus written (prices fp8 and "
                            "GGUF weights, cast at every step; overrides --gpu-name's).")
@@ -124,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (2: bad settings, 1: failure)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .hardware import configure_cuda_allocator
+
+    configure_cuda_allocator(os.environ)  # before the first CUDA allocation (generate, serve-ray's replicas)
     try:
         if args.command == "make-demo":
             return _make_demo(args)
@@ -274,13 +282,16 @@ def _plan(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([{"name": spec.name, "memory_gb": spec.memory_gb,
                                "dense_bf16_tflops": spec.dense_bf16_tflops, "memory_gbps": spec.memory_gbps,
-                               "pcie_gen": spec.pcie_gen, "pcie_lanes": spec.pcie_lanes, "source": spec.source}
+                               "pcie_gen": spec.pcie_gen, "pcie_lanes": spec.pcie_lanes,
+                               "pageable_gbps": spec.throughput().pageable_gbps,
+                               "compute_capability": list(spec.compute_capability), "source": spec.source}
                               for spec in KNOWN_GPUS], indent=2))
             return 0
         for spec in KNOWN_GPUS:
             print(f"{spec.name:<18} {spec.memory_gb:>4g} GB  {spec.dense_bf16_tflops:>7g} TFLOPS dense bf16  "
-                  f"{spec.memory_gbps:>6g} GB/s  PCIe {spec.pcie_gen}.0 x{spec.pcie_lanes}  ({spec.source}; spec "
-                  "sheet, not measured)")
+                  f"{spec.memory_gbps:>6g} GB/s  PCIe {spec.pcie_gen}.0 x{spec.pcie_lanes}  pageable "
+                  f"{spec.throughput().pageable_gbps:g} GB/s  sm {spec.compute_capability[0]}.{spec.compute_capability[1]}"
+                  f"  ({spec.source}; spec sheet, not measured)")
         return 0
     _check_plan_args(args)
     from .preflight import transformer_file_problem
@@ -295,7 +306,8 @@ def _plan(args: argparse.Namespace) -> int:
         card = find_gpu(args.gpu_name) if args.gpu_name is not None else None  # checked by _plan_throughput
         vram_gb = args.vram_gb if args.vram_gb is not None else card.memory_gb
         devices = hypothetical_devices(vram_gb, args.gpus or 1, args.ram_gb or 64.0, throughput=throughput,
-                                       name=card.name if card is not None else None)
+                                       name=card.name if card is not None else None,
+                                       compute_capability=card.compute_capability if card is not None else None)
     else:
         from .hardware import probe_devices
 
@@ -343,9 +355,15 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"plan:      {plan.describe()}")
     print(f"peak:      {plan.predicted_peak_bytes / GIB:.1f} GiB predicted, {plan.budget_bytes / GIB:.1f} GiB usable")
     print(f"reason:    {plan.reason}")
+    if plan.stages is not None:
+        st = plan.stages
+        print(f"time:      {plan.predicted_seconds:.2f} s per image predicted: encode {st.encode:.2f}, denoise "
+              f"{st.denoise:.2f}, decode {st.decode:.2f}, transfers {st.transfers:.2f}, casts {st.casts:.2f} s"
+              + (" (compiled)" if plan.compiled else ""))
     if plan.throughput is not None and plan.profile != "cpu":
         print(f"rates:     {plan.throughput.bf16_tflops:.1f} TFLOP/s bf16, {plan.throughput.h2d_gbps:.1f} GB/s "
-              f"host-to-device, {plan.throughput.memory_gbps:.0f} GB/s memory ({plan.throughput.source})")
+              f"host-to-device pinned, {plan.throughput.pageable_gbps:.2f} GB/s pageable round trip, "
+              f"{plan.throughput.memory_gbps:.0f} GB/s memory ({plan.throughput.source})")
     for warning in plan.warnings:
         print(f"warning:   {warning}")
     if plan.candidates:
@@ -359,7 +377,8 @@ MAX_PLAN_VRAM_GB = 1024
 MAX_PLAN_GPUS = 64
 MAX_PLAN_RAM_GB = 65536
 #: Rates ``plan`` accepts (far beyond any card at both ends: they keep the predicted seconds finite and readable).
-PLAN_RATE_BOUNDS = {"tflops": (0.1, 100_000.0), "pcie_gbps": (0.1, 10_000.0), "memory_gbps": (1.0, 100_000.0)}
+PLAN_RATE_BOUNDS = {"tflops": (0.1, 100_000.0), "pcie_gbps": (0.1, 10_000.0), "memory_gbps": (1.0, 100_000.0),
+                    "pageable_gbps": (0.01, 10_000.0)}
 
 
 def _check_plan_args(args: argparse.Namespace) -> None:
@@ -397,7 +416,7 @@ def _plan_throughput(args: argparse.Namespace):
     from .planner import DEFAULT_THROUGHPUT
     from .timing import Throughput, find_gpu
 
-    flags = ("tflops", "pcie_gbps", "memory_gbps")
+    flags = ("tflops", "pcie_gbps", "memory_gbps", "pageable_gbps")
     given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
     for name, value in given.items():
         low, high = PLAN_RATE_BOUNDS[name]
@@ -405,8 +424,8 @@ def _plan_throughput(args: argparse.Namespace):
             raise SettingsError(f"--{name.replace('_', '-')}={value:g} is out of range: use {low:g} to {high:g} "
                                 f"({'TFLOP/s' if name == 'tflops' else 'GB/s'}).")
     if given and args.vram_gb is None and args.gpu_name is None:
-        raise SettingsError("--tflops, --pcie-gbps and --memory-gbps describe a hypothetical card: add --vram-gb N "
-                            "(or --gpu-name).")
+        raise SettingsError("--tflops, --pcie-gbps, --memory-gbps and --pageable-gbps describe a hypothetical card: "
+                            "add --vram-gb N (or --gpu-name).")
     spec = None
     if args.gpu_name is not None:
         try:
@@ -419,6 +438,7 @@ def _plan_throughput(args: argparse.Namespace):
     over = f" over {base.source}" if len(given) < len(flags) else ""
     return Throughput(bf16_tflops=given.get("tflops", base.bf16_tflops), h2d_gbps=given.get("pcie_gbps", base.h2d_gbps),
                       memory_gbps=given.get("memory_gbps", base.memory_gbps),
+                      pageable_gbps=given.get("pageable_gbps", base.pageable_gbps),
                       source="given on the command line" + over)
 
 

@@ -11,15 +11,21 @@ steps, because diffusers' ControlNet pipelines attach the transformer's embedder
 
 * at load, on the ControlNet alone: fp8 storage (``enable_layerwise_casting``; after the attachment it would
   meet the transformer's own casting hooks and raise), and ``.to(device)`` for ``full``/``balanced``/``cpu``;
-* once a ControlNet pipeline is built over the loaded components (:func:`place_mode_pipeline`), the offload
-  profiles: ``enable_model_cpu_offload`` called again on that pipeline (diffusers then hooks the ControlNet on
-  its own, as it does for every model outside ``model_cpu_offload_seq = "text_encoder->transformer->vae"``), or
+* once a ControlNet pipeline is built over the loaded components (:func:`place_mode_pipeline`), group offload:
   ``enable_group_offload`` on the ControlNet (block level, one block at a time, no stream: its control blocks
   are offloaded like the transformer's; the transformer's blocks it borrows keep the transformer's hooks, and
   the small modules it calls outside the transformer's forward (timestep and patch embedders, pad tokens) join
   its own top-level group, so they are on the GPU when it runs). Sequential offload cannot carry a ControlNet in
   diffusers 0.42.1 (:data:`SEQUENTIAL_CONTROLNET`): its requests are refused there, and the out-of-memory
-  ladder skips that rung for them.
+  ladder skips that rung for them;
+* model offload: around each ControlNet denoise (:func:`denoise_placement`), not with diffusers' hooks. accelerate's
+  ``CpuOffload`` hook skips moving a model whose *first* parameter is already on the GPU, and the transformer's
+  first parameter (``x_pad_token``) is one the ControlNet borrows: the ControlNet runs first at every step, its hook
+  moves it (and the borrowed modules) to the GPU, and the transformer's hook then leaves its 30 main layers in RAM
+  (``mat1 is on cuda:0, different from other tensors on cpu``, seen on an H200, tests/test_gpu.py). So for that
+  stage the hooks are removed and the denoiser (transformer, ControlNet, and the VAE that encodes the control image)
+  is moved to the GPU as one, the text encoder back to RAM; afterwards the ControlNet goes back to RAM and the base
+  pipeline's model offload is enabled again, which moves the rest there too.
 
 Everything else survives building a mode pipeline from ``base.components``: accelerate's and diffusers' hooks
 and fp8 storage live on the module objects, which the mode pipelines share (checked on the CPU in
@@ -31,9 +37,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .demo_model import DEMO_CONTROLNET_DIRNAME, demo_model_path, ensure_demo_model
 from .errors import ModelNotFoundError, first_line
@@ -331,18 +338,13 @@ SEQUENTIAL_CONTROLNET = (
 
 def place_mode_pipeline(pipe: Any, plan: MemoryPlan) -> None:
     """Place a ControlNet pipeline just built over the loaded components, for the offload profiles (see the
-    module docstring). Nothing to do for ``full``/``balanced``/``cpu``: :func:`load_controlnet` placed it.
-    Raises :class:`PlanError` for ``sequential-offload`` (:data:`SEQUENTIAL_CONTROLNET`).
-
-    Calling ``enable_model_cpu_offload`` on the mode pipeline re-hooks the shared components too (same device,
-    same behaviour); the base pipeline re-hooks them again at its next ``maybe_free_model_hooks``, so every module
-    always carries exactly one offload hook.
+    module docstring). Nothing to do for ``full``/``balanced``/``cpu``/``transformer-resident``:
+    :func:`load_controlnet` placed it; nor for ``model-offload``, placed around each denoise
+    (:func:`denoise_placement`). Raises :class:`PlanError` for ``sequential-offload`` (:data:`SEQUENTIAL_CONTROLNET`).
     """
     import torch
 
-    if plan.profile == "model-offload":
-        pipe.enable_model_cpu_offload(device=plan.device)
-    elif plan.profile == "sequential-offload":
+    if plan.profile == "sequential-offload":
         raise PlanError(SEQUENTIAL_CONTROLNET)
     elif plan.profile == "group-offload":
         pipe.controlnet.enable_group_offload(onload_device=torch.device(plan.device),
@@ -350,12 +352,34 @@ def place_mode_pipeline(pipe: Any, plan: MemoryPlan) -> None:
                                              num_blocks_per_group=1, use_stream=False)
 
 
+@contextmanager
+def denoise_placement(pipe: Any, base: Any, plan: MemoryPlan) -> Iterator[None]:
+    """Around a ControlNet pipeline's denoise under ``model-offload``: the transformer, the ControlNet and the VAE on
+    ``plan.device`` together and the text encoder in RAM, without diffusers' offload hooks (which cannot move a
+    transformer whose modules the ControlNet borrows: see the module docstring); afterwards the ControlNet back in
+    RAM and the base pipeline's model offload enabled again (it moves the other components to RAM). A no-op for any
+    other pipeline or placement. The peak is the planner's for that stage (zimage.planner.predict_peak_bytes)."""
+    if plan.profile != "model-offload" or getattr(pipe, "controlnet", None) is None:
+        yield
+        return
+    pipe.remove_all_hooks()  # diffusers' public call: the hooks come off the shared modules (and the ControlNet)
+    pipe.text_encoder.to("cpu")
+    for module in (pipe.transformer, pipe.controlnet, pipe.vae):
+        module.to(plan.device)
+    try:
+        yield
+    finally:
+        pipe.controlnet.to("cpu")
+        base.enable_model_cpu_offload(device=plan.device)
+
+
 def plan_for(settings: Settings, devices: DeviceFacts, sizes: ComponentSizes,
              request: RequestSize = RequestSize()) -> MemoryPlan:
     """Run the planner with this deployment's settings."""
     return plan_memory(devices, sizes, request, requested_profile=settings.memory_profile,
                        forced_options=settings.memory_options, dtype=settings.dtype, device=settings.device,
-                       reserve_bytes=settings.reserve_mb * 1024 * 1024, auto_fp8=settings.auto_fp8)
+                       reserve_bytes=settings.reserve_mb * 1024 * 1024, auto_fp8=settings.auto_fp8,
+                       compile_mode=settings.compile)
 
 
 def torch_dtype(name: str) -> Any:
@@ -408,6 +432,10 @@ def apply_plan(pipe: Any, plan: MemoryPlan) -> None:
                                                   compute_dtype=torch_dtype(plan.dtype))
     if "te-fp8-storage" in plan.options:
         store_text_encoder_in_fp8(pipe, plan.dtype)
+    if "fp8-compute" in plan.options:
+        quantize_transformer_fp8(pipe, plan.device)
+    if "step-cache" in plan.options:
+        enable_step_cache(pipe)
     apply_in_place_options(pipe, plan.options)
     if plan.profile in ("full", "cpu"):
         pipe.to(plan.device)
@@ -438,16 +466,57 @@ def store_text_encoder_in_fp8(pipe: Any, dtype: str) -> None:
                             skip_modules_pattern=TEXT_ENCODER_FP8_SKIP_PATTERNS)
 
 
+#: torchao's float8 recipe for fp8 compute: dynamic (per token) activation scales and per-row weight scales, the
+#: torchao and diffusers documentation's recommendation for diffusion transformers on fp8 tensor cores.
+def quantize_transformer_fp8(pipe: Any, device: str) -> None:
+    """fp8-compute: torchao's ``Float8DynamicActivationFloat8WeightConfig`` (row-wise scales) on the transformer's
+    linear layers, with torchao's public ``quantize_``. Each layer is moved to ``device`` and quantized there
+    (``device=``), so the bf16 transformer is never on the GPU whole: the peak is the float8 weights plus one bf16
+    layer. Call before placement. Raises ImportError without torchao (the planner refuses that plan before)."""
+    import torch
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              device=torch.device(device))
+
+
+#: Pyramid attention broadcast for step-cache: the attention output of a step is reused by the next one
+#: (``spatial_attention_block_skip_range=2``) at every step after the first (the whole timestep range); the main
+#: layers only (the refiners are cheap). diffusers 0.42.1's FirstBlockCache and MagCache fail on Z-Image's block
+#: signature ("Parameter 'hidden_states' not found"), TaylorSeer needs a cache context the Z-Image pipelines do not
+#: set ("No cache context is set"): pyramid attention broadcast is the step cache that runs on it (tests/test_loader.py).
+STEP_CACHE_SKIP_RANGE = 2
+STEP_CACHE_TIMESTEPS = (0, 1000)
+
+
+def enable_step_cache(pipe: Any) -> None:
+    """step-cache: diffusers' ``apply_pyramid_attention_broadcast`` on the transformer's main layers. Its timestep is
+    read from the scheduler's public ``step_index`` and ``timesteps`` (the Z-Image pipelines do not report one); the
+    mode pipelines share the scheduler, so it serves them all."""
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    scheduler = pipe.scheduler
+
+    def current_timestep() -> float:
+        index = scheduler.step_index or 0
+        return float(scheduler.timesteps[min(index, len(scheduler.timesteps) - 1)])
+
+    apply_pyramid_attention_broadcast(pipe.transformer, PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=STEP_CACHE_SKIP_RANGE,
+        spatial_attention_timestep_skip_range=STEP_CACHE_TIMESTEPS,
+        spatial_attention_block_identifiers=(r"^layers\.\d+\.",), current_timestep_callback=current_timestep))
+
+
 def place_transformer_resident(pipe: Any, device: str, use_streams: bool) -> None:
     """``transformer-resident``: the transformer and the VAE (and anything else but the text encoder) move to
     ``device`` for good; the text encoder stays in RAM and is group-offloaded, block by block, per prompt.
 
-    Why group offload (``diffusers.hooks.apply_group_offloading`` on the text encoder alone: block level, one block
-    per group, prefetched on a CUDA stream when ``use_streams``) rather than model offload of that one component
+    Why group offload (``diffusers.hooks.apply_group_offloading`` on the text encoder alone, see
+    :func:`stream_text_encoder`) rather than model offload of that one component
     (accelerate's ``cpu_offload_with_hook``): model offload moves the whole encoder in before it runs, 8 GB in bf16,
     next to the resident 12.3 GB transformer, so its peak is that of ``full`` and nothing is saved. Group offload
-    holds only the encoder's embedding and one or two of its 36 blocks on the GPU, and with the stream the copy of
-    the next block overlaps the current one's compute; both copy the same 8 GB per prompt (the planner counts it:
+    holds only a layer or two of the encoder on the GPU, and with the stream the copy of the next one overlaps the
+    current one's compute; both copy the same 8 GB per prompt (the planner counts it:
     zimage.planner.bytes_moved_per_request), and the prompt cache skips it for a repeated prompt.
 
     diffusers then reports the group's onload device as the pipeline's execution device, so latents and
@@ -459,17 +528,35 @@ def place_transformer_resident(pipe: Any, device: str, use_streams: bool) -> Non
     for name, component in pipe.components.items():
         if name != "text_encoder" and isinstance(component, torch.nn.Module):
             component.to(device)
+    stream_text_encoder(pipe, device, use_streams)
+
+
+def stream_text_encoder(pipe: Any, device: str, use_streams: bool) -> None:
+    """The text encoder group-offloaded at leaf level (each linear layer and the token embedding its own group),
+    prefetched on a CUDA stream when ``use_streams``.
+
+    Why leaf level: block level leaves the encoder's token embedding (389M parameters, 0.78 GB in bf16) in the
+    top-level group, which diffusers moves without the stream, from and back into pageable memory, at every prompt.
+    Measured on an H200 (gpu-mechanisms-nvidia-h200-2026-12-04.json, text_encoder): 512 tokens took 0.905 s streamed
+    at block level and 0.198 s at leaf level (0.055 s resident): 8.9 against 40.7 GB/s."""
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
     apply_group_offloading(pipe.text_encoder, onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                           offload_type="block_level", num_blocks_per_group=1, use_stream=use_streams)
+                           offload_type="leaf_level", use_stream=use_streams)
 
 
 def enable_group_offload(pipe: Any, device: str, use_streams: bool) -> None:
-    """Block-level group offloading of the text encoder and transformer; the small VAE stays put."""
+    """Group offloading: the transformer block by block (its embedders and final layer, 1 MB, in the top-level
+    group), the text encoder layer by layer (:func:`stream_text_encoder`), both prefetched on a CUDA stream when
+    ``use_streams``; the small VAE stays on ``device``."""
     import torch
+    from diffusers.hooks import apply_group_offloading
 
-    pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                              offload_type="block_level", num_blocks_per_group=1, use_stream=use_streams,
-                              exclude_modules=["vae"])
+    apply_group_offloading(pipe.transformer, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=use_streams)
+    stream_text_encoder(pipe, device, use_streams)
+    pipe.vae.to(device)
 
 
 def apply_in_place_options(pipe: Any, options: tuple[str, ...]) -> None:

@@ -201,6 +201,11 @@ def placement_problem(plan: Any) -> str | None:
                 "diffusers 0.42.1 stores a LoRA loaded later in float8 too and its layers fail. Restart the server "
                 "without fp8 storage (--no-auto-fp8 or ZIMAGE_AUTO_FP8=0, no fp8-storage in --memory-options, "
                 "--recovery-fp8 off) to use LoRAs, or send the request without LoRAs.")
+    if "fp8-compute" in plan.options:
+        return (f"LoRA adapters cannot be used on the memory placement {plan.describe()}: its transformer's linear "
+                "layers are torchao float8 tensors, which this project has not checked peft's adapters on. Restart "
+                "the server without fp8-compute in --memory-options to use LoRAs, or send the request without "
+                "LoRAs.")
     if plan.profile in ("model-offload", "sequential-offload") and str(plan.device) == "cpu":
         return (f"LoRA adapters cannot be used with {plan.profile} on the CPU: diffusers puts the offload back after "
                 "loading an adapter only on a GPU. Use --memory-profile cpu (or auto).")

@@ -63,6 +63,8 @@ def classify_error(exc: BaseException) -> str | None:
 
 # --- Ladder --------------------------------------------------------------------------------------
 
+#: Options applied at load that cannot be undone in place: a change of them needs a reload.
+HEAVY_OPTIONS = ("fp8-storage", "te-fp8-storage", "fp8-compute", "step-cache")
 #: Placements leaner than each profile, in the order the ladder tries them.
 _LEANER = ("model-offload", "group-offload", "sequential-offload")
 
@@ -103,7 +105,8 @@ def _with_tiling(plan: MemoryPlan, sizes: ComponentSizes, request: RequestSize) 
 def same_placement(a: MemoryPlan, b: MemoryPlan) -> bool:
     """True when two plans need the same loaded pipeline (they may differ in options applied in place)."""
     # fp8 storage of either model cannot be undone in place: a change needs a reload.
-    heavy = lambda p: tuple(o for o in p.options if o in ("fp8-storage", "te-fp8-storage"))  # noqa: E731
+    # fp8 compute (quantized in place) and step-cache (hooks) neither: both are applied at load.
+    heavy = lambda p: tuple(o for o in p.options if o in HEAVY_OPTIONS)  # noqa: E731
     return (a.profile, a.dtype, a.device, a.use_streams, heavy(a)) == (b.profile, b.dtype, b.device, b.use_streams,
                                                                        heavy(b))
 

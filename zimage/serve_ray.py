@@ -277,10 +277,14 @@ class ZImageReplica:
     """
 
     def __init__(self, settings: Settings, url_key: bytes | None, replica_id: str | None = None) -> None:
+        import os
+
+        from .hardware import configure_cuda_allocator
         from .logs import configure_logging
         from .service import GenerationService
 
         configure_logging()
+        configure_cuda_allocator(os.environ)  # a replica is its own process: before its first CUDA allocation
         if replica_id is None:
             from ray import serve
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from . import __version__, render
+from .attention import apply as apply_attention
+from .attention import compile_transformer, compiled_or_eager
 from .errors import (
     GenerationCancelled,
     LoraError,
@@ -43,10 +45,19 @@ from .errors import (
 )
 from .errors import first_line as _first_line
 from .errors import shown as _shown
+from .hardware import (
+    StageMeter,
+    device_available,
+    gpu_memory_stats,
+    probe_devices,
+    release_memory,
+    reset_gpu_peak,
+)
 from .jobs import RUNNING, SAVING, Job, JobQueue, Progress
+from .loader import denoise_placement
 from .model_family import TURBO, ModelDefaults
 from .lora import MAX_LORAS, LoraAdapters, LoraFile, LoraFolder, LoraLoadFailed, placement_problem, validate_loras
-from .planner import DeviceFacts, MemoryPlan, PlanError, RequestSize, safe_dtype_after_nan
+from .planner import DeviceFacts, MemoryPlan, PlanError, RequestSize, compile_problem, safe_dtype_after_nan
 from .prompt_cache import PromptCache, prompt_key
 from .recovery import (
     DECODE,
@@ -77,6 +88,9 @@ MIN_STEPS, MAX_STEPS = 1, 50
 DEFAULT_GUIDANCE = 0.0  # Turbo is guidance-distilled; > 0 enables CFG and doubles the work
 MAX_GUIDANCE = 10.0
 DEFAULT_SIDE_PX = 1024
+#: (width, height, images) of the compile warm-up's steps: the default size, then another size and batch, so that
+#: torch's automatic dynamic shapes compile one graph for every size and batch before the first request.
+WARM_UP_SHAPES = ((DEFAULT_SIDE_PX, DEFAULT_SIDE_PX, 1), (720, 720, 2))  # the second: no more pixels than the first
 MIN_SIDE_PX, MAX_SIDE_PX = 256, 2048
 SIDE_MULTIPLE_PX = 16  # VAE factor 8 x patch size 2
 MAX_IMAGES = 4
@@ -159,6 +173,8 @@ class GenerationResult:
     images: tuple[Any, ...] = field(default=(), repr=False)  # PIL images
     #: The LoRA adapters used: {"name", "weight", "sha256"} each, in the request's order.
     loras: tuple[dict[str, Any], ...] = ()
+    #: Peak allocated and reserved GPU bytes of each stage (encode, denoise, decode); empty on the CPU.
+    stage_peaks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -196,6 +212,8 @@ class _Rendered:
     recoveries: tuple[str, ...]
     gpu_peak_bytes: int | None
     loras: tuple[dict[str, Any], ...] = ()  # {"name", "weight", "sha256"} of the adapters that were on
+    #: Per stage (encode, denoise, decode): seconds, and peak allocated/reserved GPU bytes on CUDA (StageMeter).
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -451,8 +469,6 @@ class GenerationService:
         started = time.perf_counter()
         try:
             if self._devices is None:
-                from .hardware import probe_devices
-
                 self._devices = probe_devices(measure_throughput=True)  # the planner's time model: rates on CUDA
             self._source = resolve_model_source(self.settings)
             self._controlnet_source = resolve_controlnet_source(self.settings, self._source)
@@ -465,7 +481,7 @@ class GenerationService:
                 log.warning("%s", warning)
             log.info("memory plan: %s: %s", self.plan.describe(), self.plan.reason)
             self._factory = self._factory or load_pipeline
-            self._load_models(self.plan)
+            self.plan = self.base_plan = self._load_models(self.plan)
         except (ZImageError, PlanError) as exc:
             self.state, self.load_error = "failed", str(exc)
             raise
@@ -763,8 +779,6 @@ class GenerationService:
 
     def unload(self) -> None:
         """Stop taking jobs and drop the pipeline (for tests and tools); the service is then not ready."""
-        from .hardware import release_memory
-
         self.begin_shutdown()
         self.wait_idle(0)
         self._pipe, self._mode_pipes, self._controlnet = None, {}, None
@@ -805,8 +819,6 @@ class GenerationService:
                     self._idle.notify_all()
 
     def _run(self, job: Job) -> None:
-        from .hardware import gpu_memory_stats, reset_gpu_peak
-
         job.started = time.monotonic()
         job.update(state=RUNNING, stage="encoding", position=0, waiting=0)
         if self.plan is not None:
@@ -819,7 +831,9 @@ class GenerationService:
         finally:
             self._loras_off()
         stats = gpu_memory_stats(rendered.plan.device)
-        rendered = replace(rendered, gpu_peak_bytes=stats.get("peak_allocated_bytes"))
+        rendered = replace(rendered, gpu_peak_bytes=max(
+            (row["peak_allocated_bytes"] for row in rendered.stages.values() if "peak_allocated_bytes" in row),
+            default=stats.get("peak_allocated_bytes")))
         with self._stats_lock:
             self._stats.last_gpu_allocated_bytes = stats.get("allocated_bytes")
         job.update(state=SAVING, stage="saving")
@@ -891,37 +905,59 @@ class GenerationService:
         nan_retried = False
         used_loras: tuple[dict[str, Any], ...] = ()
         started = time.perf_counter()
+        meter = StageMeter(attempt.device)
+        compiled = False
         while True:
             job.raise_if_cancelled()
             self._place(job, attempt)
+            meter.restart()  # a reload is not a stage's time
             stage, failure = ENCODE, None
             try:
                 if latents is None:
                     job.update(stage="encoding", step=0, total=request.steps)
                     used_loras = self._activate_loras(job, request, attempt)  # after _place: a reload drops them
                     embeds = self._encode(request, attempt)
+                    meter.end("encode")
                     job.raise_if_cancelled()
                     stage = DENOISE
                     job.update(stage="denoising")
                     job.update(total=steps_run(request.steps, request.strength))
-                    latents = render.denoise(
-                        self._mode_pipe(request.mode), embeds, width=request.width, height=request.height,
-                        steps=request.steps, guidance_scale=request.guidance_scale, seeds=seeds,
-                        on_step=lambda step, total: job.update(step=step, total=total),
-                        should_stop=lambda: job.cancel_requested, image=request.image, mask=request.mask,
-                        strength=request.strength, control_image=request.control_image,
-                        controlnet_conditioning_scale=request.controlnet_conditioning_scale,
-                        cfg_normalization=self.defaults.cfg_normalization)
+                    mode_pipe = self._mode_pipe(request.mode)
+                    # Compiled blocks only while no LoRA adapter is in the transformer: peft's layers change the
+                    # graph, and compiling again would stall this request for tens of seconds (zimage.attention).
+                    compiled = (self.plan.compiled and device_available(self.plan.device)
+                                and not self._lora_adapters.loaded())
+                    with denoise_placement(mode_pipe, self._pipe, attempt), compiled_or_eager(compiled):
+                        latents = render.denoise(
+                            mode_pipe, embeds, width=request.width, height=request.height,
+                            steps=request.steps, guidance_scale=request.guidance_scale, seeds=seeds,
+                            on_step=lambda step, total: job.update(step=step, total=total),
+                            should_stop=lambda: job.cancel_requested, image=request.image, mask=request.mask,
+                            strength=request.strength, control_image=request.control_image,
+                            controlnet_conditioning_scale=request.controlnet_conditioning_scale,
+                            cfg_normalization=self.defaults.cfg_normalization)
                     del embeds
+                    meter.end("denoise")
                 job.raise_if_cancelled()  # never decode a cancelled job
                 stage = DECODE
                 job.update(stage="decoding")
                 pixels = render.decode(self._pipe, latents)
+                meter.end("decode")
                 job.raise_if_cancelled()  # cancelled while decoding: the client was told, nothing is saved
             except GenerationCancelled:
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below; anything unknown is re-raised
                 kind = classify_error(exc)
+                if kind is None and stage == DENOISE and compiled:
+                    # A compiled graph that fails (a recompile limit, a kernel torch cannot build for this shape)
+                    # costs speed, not the request: this one and the next run eagerly.
+                    log.warning("request %s: the compiled transformer failed (%s: %s): running eagerly from now on",
+                                job.id, type(exc).__name__, _first_line(exc))
+                    self.plan = replace(self.plan, compiled=False)
+                    self.base_plan = replace(self.base_plan, compiled=False)
+                    attempt = replace(attempt, compiled=False)
+                    latents = None
+                    continue
                 if kind is None:
                     raise
                 failure = (kind, _first_line(exc))
@@ -937,9 +973,7 @@ class GenerationService:
             # are gone, so emptying the cache can free memory.
             if stage != DECODE:
                 latents = None
-            from .hardware import release_memory
-
-            release_memory()
+                release_memory()
             action = next_action(failure[0], stage, attempt, self.base_plan, size, self._sizes,
                                  allow_fp8=self.settings.recovery_fp8, error_text=failure[1])
             if action.kind == EXIT:
@@ -965,7 +999,7 @@ class GenerationService:
                 latents = None
         return _Rendered(pixels=pixels, plan=attempt, generate_s=time.perf_counter() - started,
                          warnings=tuple(warnings), recoveries=tuple(recoveries), gpu_peak_bytes=None,
-                         loras=used_loras)
+                         loras=used_loras, stages=meter.stages)
 
     def _encode(self, request: GenerationRequest, plan: MemoryPlan) -> Any:
         """The request's prompt embeddings: from the prompt cache when the same prompt was encoded by this text
@@ -1034,7 +1068,6 @@ class GenerationService:
         On failure the service is "failed" (``/healthz`` 503); the leanest placement is tried once, and
         without it :meth:`_fatal` asks the entry point to exit for a restart.
         """
-        from .hardware import release_memory
         from .recovery import leanest_plan
 
         log.info("switching the memory placement: %s -> %s", self.plan.describe(), plan.describe())
@@ -1043,8 +1076,7 @@ class GenerationService:
         self._lora_adapters.reset()  # the new pipeline has no adapters: they load again when a request needs them
         release_memory()
         try:
-            self._load_models(plan)
-            self.plan = plan
+            self.plan = self._load_models(plan)
             return
         except Exception as exc:  # noqa: BLE001 - any failure to load leaves no pipeline
             cause = f"reloading the pipeline for {plan.describe()} failed: {type(exc).__name__}: {_first_line(exc)}"
@@ -1055,7 +1087,7 @@ class GenerationService:
         fallback = leanest_plan(self.base_plan, self._sizes, allow_fp8=self.settings.recovery_fp8)
         if fallback is not None and not same_placement(fallback, plan):
             try:
-                self._load_models(fallback)
+                fallback = self._load_models(fallback)
             except Exception as exc:  # noqa: BLE001
                 log.error("the leanest placement %s failed too: %s: %s", fallback.describe(), type(exc).__name__,
                           _first_line(exc))
@@ -1069,32 +1101,43 @@ class GenerationService:
         self._fatal(cause)
         raise ServiceFailed(f"The server lost its model ({cause}) and restarts itself. Please try again shortly.")
 
-    def _load_models(self, plan: MemoryPlan) -> None:
+    def _load_models(self, plan: MemoryPlan) -> MemoryPlan:
         """Load the pipeline for ``plan`` and, when one is configured, the ControlNet placed to match (reloaded with
-        the pipeline: its placement follows the plan, and fp8 storage cannot be undone in place)."""
+        the pipeline: its placement follows the plan, and fp8 storage cannot be undone in place). Returns the plan in
+        effect: ``plan``, uncompiled when compiling failed (the blocks then run eagerly)."""
         from .loader import load_controlnet
-
-        from .attention import apply as apply_attention
-        from .attention import compile_transformer
 
         self._pipe = self._factory(self._source, plan)
         self.attention_backend = apply_attention(self._pipe, self.settings.attention_backend, plan.device)
-        if self.settings.compile:
-            seconds = compile_transformer(self._pipe, self._warm_up)
-            log.info("transformer compiled (regional, fullgraph) and warmed up at %dx%d in %.1f s", DEFAULT_SIDE_PX,
-                     DEFAULT_SIDE_PX, seconds)
+        if plan.compiled and device_available(plan.device):  # not on the tests' pretend GPUs
+            try:
+                seconds = compile_transformer(self._pipe, self._warm_up)
+            except Exception as exc:  # noqa: BLE001 - a failed compile or warm-up costs speed, never the service
+                log.warning("compiling the transformer failed (%s: %s): it runs eagerly", type(exc).__name__,
+                            _first_line(exc))
+                plan = replace(plan, compiled=False)
+                release_memory()
+            else:
+                log.info("transformer compiled (regional, fullgraph) and warmed up at %s in %.1f s (--compile off "
+                         "skips this)", ", ".join(f"{w}x{h} x{n}" for w, h, n in WARM_UP_SHAPES), seconds)
+        elif self.settings.compile != "off":
+            why = compile_problem(plan.profile, plan.options, self._sizes.transformer.stored_bytes is not None)
+            log.info("transformer not compiled: %s", why or "--compile auto compiles on CUDA GPUs only")
         if self._controlnet_source is not None:
             self._controlnet = load_controlnet(self._controlnet_source, plan, self._pipe)
             # diffusers' ZImageControlNetInpaintPipeline needs a control input wider than the latents (2.0/2.1: 33
             # channels = latents + mask + masked image); Union 1.0 has exactly the latents' 16.
             self._controlnet_inpaint = (self._controlnet.config.control_in_dim
                                         != self._pipe.transformer.config.in_channels)
+        return plan
 
     def _warm_up(self) -> None:
-        """One denoising step at the default size: compiles the transformer's graph for it before any request."""
+        """One denoising step at each of :data:`WARM_UP_SHAPES`: compiles the transformer's graph before any request
+        (after two shapes, torch marks the changing dimensions dynamic, so other sizes reuse that graph)."""
         embeds = render.encode(self._pipe, "warm-up", 0.0)
-        render.denoise(self._pipe, embeds, width=DEFAULT_SIDE_PX, height=DEFAULT_SIDE_PX, steps=1, guidance_scale=0.0,
-                       seeds=[0], on_step=lambda step, total: None, should_stop=lambda: False)
+        for width, height, images in WARM_UP_SHAPES:
+            render.denoise(self._pipe, embeds, width=width, height=height, steps=1, guidance_scale=0.0,
+                           seeds=list(range(images)), on_step=lambda step, total: None, should_stop=lambda: False)
 
     def _fatal(self, message: str) -> None:
         """The service cannot go on: refuse everything, cancel the waiting jobs, tell the entry point."""
@@ -1120,12 +1163,16 @@ class GenerationService:
         timings = {
             "wait_s": (job.started or job.created) - job.created,
             "generate_s": rendered.generate_s,
+            **{f"{name}_s": row["seconds"] for name, row in rendered.stages.items()},
             "save_s": finished - save_started,
             "total_s": time.monotonic() - job.created,
         }
+        stage_peaks = {name: {key: int(value) for key, value in row.items() if key.endswith("_bytes")}
+                       for name, row in rendered.stages.items() if "peak_allocated_bytes" in row}
         return GenerationResult(request_id=job.id, paths=paths, seeds=seeds, request=request, plan=rendered.plan,
                                 timings=timings, warnings=rendered.warnings, recoveries=rendered.recoveries,
-                                gpu_peak_bytes=rendered.gpu_peak_bytes, images=tuple(images), loras=rendered.loras)
+                                gpu_peak_bytes=rendered.gpu_peak_bytes, images=tuple(images), loras=rendered.loras,
+                                stage_peaks=stage_peaks)
 
     def _prompt_warnings(self, prompt: str) -> list[str]:
         """Warn (instead of the pipeline's silent cut) when the prompt exceeds the text encoder's limit."""

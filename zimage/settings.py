@@ -33,7 +33,8 @@ PROFILE_CHOICES = (
     "sequential-offload",
     "cpu",
 )
-OPTION_CHOICES = ("attention-slicing", "vae-tiling", "fp8-storage", "te-fp8-storage")
+OPTION_CHOICES = ("attention-slicing", "vae-tiling", "fp8-storage", "te-fp8-storage", "fp8-compute", "step-cache")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 class SettingsError(ValueError):
@@ -88,8 +89,13 @@ class Settings:
                                       help="The transformer's attention kernel. auto: the fastest installed that runs "
                                            "on this GPU (FlashAttention 3 on Hopper, FlashAttention 2, SageAttention, "
                                            "cuDNN), native (torch SDPA) on a CPU; the choice is logged.")
-    compile: bool = _setting(False, help="Compile the transformer's repeated blocks (torch.compile, regional) and warm "
-                                         "it up at start: slower start, faster steps. Off until measured on a GPU.")
+    compile: str = _setting("auto", choices=COMPILE_CHOICES,
+                            help="Compile the transformer's repeated blocks (torch.compile, regional) and warm it up at "
+                                 "start: a slower start (logged), faster steps. auto: on CUDA GPUs, on the placements "
+                                 "where it composes (full, balanced, transformer-resident, model-offload; not with "
+                                 "group or sequential offload, fp8-storage, step-cache or a GGUF transformer, whose "
+                                 "hooks break the compiled graph); on: also on the CPU, and a placement where it does "
+                                 "not compose is refused; off: never.")
     # Memory
     memory_profile: str = _setting("auto", choices=PROFILE_CHOICES,
                                    help="How the model is placed in memory. auto lets the planner pick the fastest "
@@ -100,9 +106,14 @@ class Settings:
              "measured as no change for this model), vae-tiling (decode in tiles: big images in less "
              "memory), fp8-storage (transformer weights stored in fp8, computed in bf16: about half "
              "the transformer memory, slight quality change), te-fp8-storage (the same for the text encoder, "
-             "its embeddings and norms kept in bf16).")
-    auto_fp8: bool = _setting(True, help="Let the auto planner choose fp8 weight storage (fp8-storage, "
-                                         "te-fp8-storage) where it is predicted more than 5% faster than every "
+             "its embeddings and norms kept in bf16), fp8-compute (the transformer's linear layers in float8 "
+             "with float8 matmuls, torchao's dynamic activation and weight quantization: about half the transformer "
+             "memory and faster steps on GPUs with fp8 tensor cores, compute capability 8.9 or later; needs the "
+             "torchao package; full and transformer-resident only), step-cache (reuse the attention output of the "
+             "previous step on every second step, diffusers' pyramid attention broadcast: faster steps, changes "
+             "pixels; opt-in only).")
+    auto_fp8: bool = _setting(True, help="Let the auto planner choose fp8 weights (fp8-storage, te-fp8-storage, "
+                                         "fp8-compute) where it is predicted more than 5% faster than every "
                                          "lossless placement that fits, or nothing lossless fits. --no-auto-fp8 "
                                          "keeps weights lossless.")
     recovery_fp8: bool = _setting(False, help="Let out-of-memory recovery step a request down to fp8 weight storage. "

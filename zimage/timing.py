@@ -87,16 +87,42 @@ def dense_flops(params: int, tokens: int) -> float:
     return 2.0 * params * tokens
 
 
+def vae_decode_flops(pixels: int) -> float:
+    """FLOPs of the Flux VAE's decoder for one image of ``pixels`` output pixels: 9.49 MFLOP per pixel of convolutions
+    plus its mid-block attention over the latent (pixels / 64 tokens of 512 channels: 2048 FLOPs per token pair).
+    Fitted to torch's FlopCounterMode on the published VAE config at 256, 1024 and 2048 px (within 1%)."""
+    tokens = pixels / 64
+    return 9.49e6 * pixels + 2048 * tokens * tokens
+
+
+def vae_encode_flops(pixels: int) -> float:
+    """FLOPs of the Flux VAE's encoder for one input image of ``pixels`` pixels (4.16 MFLOP per pixel plus the same
+    attention as the decoder; fitted like :func:`vae_decode_flops`)."""
+    tokens = pixels / 64
+    return 4.16e6 * pixels + 2048 * tokens * tokens
+
+
+#: The pageable round-trip rate assumed when it is not measured: host-to-device from pageable memory and back into
+#: a new host tensor, 1/(1/8.0 + 1/1.4) GB/s, as measured on the host of an NVIDIA H200
+#: (gpu-mechanisms-nvidia-h200-2026-12-04.json, copy_rates: 8.0 GB/s pageable host-to-device, 1.4 GB/s device-to-host
+#: into a new tensor). A property of the host (its page faults and memcpy), not of the card; desktops may differ,
+#: which is why the server's start-up probe measures it.
+ASSUMED_PAGEABLE_GBPS = 1.19
+
+
 @dataclass(frozen=True)
 class Throughput:
-    """What the time model needs of a GPU: its bf16 matmul rate (TFLOP/s, 1e12), its host-to-device copy rate and
-    its memory bandwidth (GB/s, 1e9 bytes; bytes read plus bytes written), all as achieved (a probe's measurement,
-    or a spec sheet scaled by the assumed efficiencies), and where they came from."""
+    """What the time model needs of a GPU: its bf16 matmul rate (TFLOP/s, 1e12), its pinned host-to-device copy rate,
+    its pageable round-trip rate (a byte moved host-to-device from pageable memory and back into a new host tensor,
+    as model offload does: GB/s of weights per round trip), and its memory bandwidth (GB/s, 1e9 bytes; bytes read
+    plus bytes written), all as achieved (a probe's measurement, or a spec sheet scaled by the assumed efficiencies),
+    and where they came from."""
 
     bf16_tflops: float
     h2d_gbps: float
     memory_gbps: float
     source: str
+    pageable_gbps: float = ASSUMED_PAGEABLE_GBPS
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,8 @@ class GpuSpec:
     pcie_gen: int
     pcie_lanes: int = 16
     source: str = ""
+    #: CUDA compute capability (fp8 tensor cores from 8.9: Ada, Hopper, Blackwell).
+    compute_capability: tuple[int, int] = (8, 0)
 
     def throughput(self) -> Throughput:
         """Spec-sheet rates scaled by :data:`SPEC_MATMUL_EFFICIENCY`, :data:`SPEC_PCIE_EFFICIENCY` and
@@ -120,10 +148,12 @@ class GpuSpec:
         return Throughput(bf16_tflops=self.dense_bf16_tflops * SPEC_MATMUL_EFFICIENCY,
                           h2d_gbps=link * SPEC_PCIE_EFFICIENCY,
                           memory_gbps=self.memory_gbps * SPEC_MEMORY_EFFICIENCY,
+                          pageable_gbps=min(ASSUMED_PAGEABLE_GBPS, link * SPEC_PCIE_EFFICIENCY),
                           source=f"spec sheet of the {self.name} (not measured): {self.dense_bf16_tflops:g} TFLOPS "
                                  f"dense bf16 x {SPEC_MATMUL_EFFICIENCY:g}, PCIe {self.pcie_gen}.0 x{self.pcie_lanes} "
                                  f"x {SPEC_PCIE_EFFICIENCY:g}, {self.memory_gbps:g} GB/s memory x "
-                                 f"{SPEC_MEMORY_EFFICIENCY:g}")
+                                 f"{SPEC_MEMORY_EFFICIENCY:g}, pageable round trip {ASSUMED_PAGEABLE_GBPS:g} GB/s "
+                                 "(measured on one host)")
 
 
 _ADA = "NVIDIA Ada Lovelace architecture whitepaper (GeForce RTX 40 series), FP16/BF16 tensor, FP32 accumulate, dense"
@@ -133,28 +163,28 @@ _AMPERE_GEFORCE = "NVIDIA Ampere GA10x whitepaper / GA106 figures, FP16/BF16 ten
 #: sparsity that doubles the headline numbers). They are not measured here: the planner scales them by the assumed
 #: efficiencies above, and a real GPU is probed instead at start.
 KNOWN_GPUS: tuple[GpuSpec, ...] = (
-    GpuSpec("RTX 3060 12GB", 12, 25.6, 360, 4, source=_AMPERE_GEFORCE + " (112 tensor cores at 1.78 GHz); 360 GB/s"),
+    GpuSpec("RTX 3060 12GB", 12, 25.6, 360, 4, source=_AMPERE_GEFORCE + " (112 tensor cores at 1.78 GHz); 360 GB/s", compute_capability=(8, 6)),
     GpuSpec("RTX 4060 8GB", 8, 30.2, 272, 4, 8,
-            source=_ADA + " (96 tensor cores at 2.46 GHz); 272 GB/s; PCIe 4.0 x8"),
+            source=_ADA + " (96 tensor cores at 2.46 GHz); 272 GB/s; PCIe 4.0 x8", compute_capability=(8, 9)),
     GpuSpec("RTX 4060 Ti 16GB", 16, 44.1, 288, 4, 8,
-            source=_ADA + " (136 tensor cores at 2.54 GHz); 288 GB/s; PCIe 4.0 x8"),
-    GpuSpec("RTX 4070 12GB", 12, 58.3, 504.2, 4, source=_ADA + " (184 tensor cores at 2.48 GHz); 504 GB/s"),
-    GpuSpec("RTX 4080 16GB", 16, 97.5, 716.8, 4, source=_ADA + "; 716.8 GB/s"),
-    GpuSpec("RTX 4090 24GB", 24, 165.2, 1008, 4, source=_ADA + "; 1,008 GB/s"),
+            source=_ADA + " (136 tensor cores at 2.54 GHz); 288 GB/s; PCIe 4.0 x8", compute_capability=(8, 9)),
+    GpuSpec("RTX 4070 12GB", 12, 58.3, 504.2, 4, source=_ADA + " (184 tensor cores at 2.48 GHz); 504 GB/s", compute_capability=(8, 9)),
+    GpuSpec("RTX 4080 16GB", 16, 97.5, 716.8, 4, source=_ADA + "; 716.8 GB/s", compute_capability=(8, 9)),
+    GpuSpec("RTX 4090 24GB", 24, 165.2, 1008, 4, source=_ADA + "; 1,008 GB/s", compute_capability=(8, 9)),
     GpuSpec("RTX 5090 32GB", 32, 209.5, 1792, 5, source="NVIDIA Blackwell (RTX 50 series) whitepaper, FP16/BF16 tensor, "
-                                                        "FP32 accumulate, dense; 1,792 GB/s"),
+                                                        "FP32 accumulate, dense; 1,792 GB/s", compute_capability=(12, 0)),
     GpuSpec("A10 24GB", 24, 125.0, 600, 4, source="NVIDIA A10 datasheet: BF16 tensor 125 TFLOPS (250 with sparsity), "
-                                                  "600 GB/s"),
+                                                  "600 GB/s", compute_capability=(8, 6)),
     GpuSpec("L4 24GB", 24, 121.0, 300, 4, source="NVIDIA L4 datasheet: BF16 tensor 242 TFLOPS with sparsity, half "
-                                                 "dense; 300 GB/s"),
+                                                 "dense; 300 GB/s", compute_capability=(8, 9)),
     GpuSpec("L40S 48GB", 48, 362.05, 864, 4, source="NVIDIA L40S datasheet: BF16 tensor 362.05 TFLOPS (733 with "
-                                                    "sparsity), 864 GB/s"),
+                                                    "sparsity), 864 GB/s", compute_capability=(8, 9)),
     GpuSpec("A100 80GB", 80, 312.0, 2039, 4, source="NVIDIA A100 datasheet: BF16 tensor 312 TFLOPS (624 with "
                                                     "sparsity), 2,039 GB/s (SXM; PCIe card 1,935); host link PCIe 4.0 "
-                                                    "x16 (SXM and PCIe cards)"),
+                                                    "x16 (SXM and PCIe cards)", compute_capability=(8, 0)),
     GpuSpec("H100 80GB", 80, 989.4, 3350, 5, source="NVIDIA H100 SXM datasheet: BF16 tensor 1,979 TFLOPS with "
                                                     "sparsity, 989.4 dense, 3.35 TB/s (the PCIe card: 756 dense, "
-                                                    "2 TB/s); host link PCIe 5.0 x16"),
+                                                    "2 TB/s); host link PCIe 5.0 x16", compute_capability=(9, 0)),
 )
 
 
