@@ -160,8 +160,10 @@ def markdown(result: dict) -> str:
         "",
         f"Device: **{m['device']}** ({m['gpu_total_gb']:.0f} GB), torch {m['torch']}, diffusers {m['diffusers']}; "
         f"{result['width']}x{result['height']}, {result['steps']} steps, {result['dtype']}, median of the "
-        "timed runs (n) after a warm-up. Weights are random: memory and speed are the real model's, "
-        "the images are not.",
+        "timed runs (n) after a warm-up. "
+        + ("Weights are random: memory and speed are the real model's, the images are not."
+           if m["gpu_total_gb"] else "The tiny demo model on the CPU: a smoke run of the flow, no figure here is "
+                                     "the real model's."),
         "",
         "| placement | compiled | peak allocated | peak reserved | predicted peak (error) | median latency | "
         "encode / denoise / decode | predicted s/image (error) | x compute floor | pixels vs full | RAM (RSS) |",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from zimage.hardware import read_cpu_flags
@@ -118,3 +119,14 @@ def test_the_stage_meter_times_each_stage_and_keeps_no_gpu_figures_on_the_cpu() 
     meter.end("denoise")
     assert list(meter.stages) == ["encode", "denoise"]
     assert all(set(row) == {"seconds"} and row["seconds"] >= 0 for row in meter.stages.values())
+
+
+def test_a_probe_that_measured_nothing_usable_leaves_the_planner_its_assumed_rates() -> None:
+    from zimage.hardware import sane_throughput
+    from zimage.timing import Throughput
+
+    good = Throughput(700.0, 55.0, 4000.0, "probe", 1.4)
+    assert sane_throughput(good) is good
+    for bad in (dict(bf16_tflops=0.0), dict(h2d_gbps=float("inf")), dict(pageable_gbps=float("nan")),
+                dict(memory_gbps=-1.0)):
+        assert sane_throughput(replace(good, **bad)) is None, bad

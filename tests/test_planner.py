@@ -664,3 +664,33 @@ def test_the_default_allocator_reserves_more_than_expandable_segments() -> None:
     # 24 GB holds the whole model under expandable segments (22.4 GiB predicted, 22.0 measured on an H200), not under
     # the default allocator (24.5 GiB measured there): the text encoder is streamed instead.
     assert (expandable.profile, default.profile) == ("full", "transformer-resident")
+
+
+@pytest.mark.parametrize(("sizes", "forced", "what"), [
+    (PUBLISHED_SIZES, ("step-cache",), "--compile on with step-cache: step-cache hooks every"),
+    (PUBLISHED_SIZES, ("fp8-storage",), "--compile on with fp8-storage: fp8-storage hooks every"),
+    (gguf("Q4_0"), (), "--compile on with a GGUF transformer: a GGUF transformer dequantizes"),
+])
+def test_compile_on_with_what_cannot_compile_is_refused_on_any_placement(sizes, forced: tuple, what: str) -> None:
+    # Auto's candidates were all filtered out here, and the planner failed with min() of an empty sequence.
+    with pytest.raises(PlanError, match=what.replace("+", r"\+")):
+        plan_memory(ada(24), sizes, forced_options=forced, compile_mode="on")
+
+
+def test_compile_on_that_leaves_nothing_fitting_says_what_auto_would_weigh() -> None:
+    plan = plan_memory(ada(4), PUBLISHED_SIZES, compile_mode="on")
+    assert not plan.fits and "--compile on keeps only the placements that compile" in plan.reason
+
+
+@pytest.mark.parametrize("devices", [hypothetical_devices(0), hypothetical_devices(24)])
+def test_step_cache_runs_in_any_dtype_and_only_fp8_storage_needs_bf16(devices: DeviceFacts) -> None:
+    plan = plan_memory(devices, PUBLISHED_SIZES, dtype="fp32", forced_options=("step-cache",))
+    assert plan.options == ("step-cache",) and plan.dtype == "fp32"
+    with pytest.raises(PlanError, match=r"^te-fp8-storage computes in bf16"):
+        plan_memory(devices, PUBLISHED_SIZES, dtype="fp32", forced_options=("te-fp8-storage", "step-cache"))
+
+
+def test_predicted_stages_are_per_image_like_the_seconds() -> None:
+    plan = plan_memory(hypothetical_devices(24), PUBLISHED_SIZES, RequestSize(2048, 2048, 4))
+    assert plan.stages.total == pytest.approx(plan.predicted_seconds)
+    assert plan.to_json()["predicted_stages"]["denoise_s"] == pytest.approx(plan.stages.denoise)

@@ -115,10 +115,11 @@ def test_a_compiled_denoise_that_fails_runs_again_eagerly(demo_settings: Setting
     assert not service.plan.compiled and not service.base_plan.compiled
 
 
-def test_requests_run_eagerly_once_a_lora_is_in_the_transformer(demo_settings: Settings, monkeypatch,
-                                                                 tmp_path: Path) -> None:
+def test_a_lora_request_runs_eagerly_and_the_next_plain_one_compiled_again(demo_settings: Settings, monkeypatch,
+                                                                             tmp_path: Path) -> None:
     """peft's layers change the compiled graph: compiling again would stall a request for tens of seconds on a GPU,
-    so a LoRA request, and every request while an adapter is loaded, runs eagerly."""
+    so a LoRA request runs eagerly, and a request without LoRAs takes the adapters out so that it (and those after
+    it) run compiled again; the next LoRA request loads its file again and gives the same image."""
     import zimage.service as service_module
     from zimage.lora import write_demo_lora
 
@@ -132,12 +133,15 @@ def test_requests_run_eagerly_once_a_lora_is_in_the_transformer(demo_settings: S
     service = GenerationService(replace(demo_settings, compile="on", lora_dir=tmp_path / "loras"))
     service.load()
     try:
-        service.generate(request())
-        service.generate(request(loras=(("style", 0.8),)))
-        service.generate(request())
+        plain = pixels(service.generate(request()).paths[0])
+        styled = pixels(service.generate(request(loras=(("style", 0.8),))).paths[0])
+        again = pixels(service.generate(request()).paths[0])
+        assert service.loaded_loras() == []  # taken out for the compiled graph
+        styled_again = pixels(service.generate(request(loras=(("style", 0.8),))).paths[0])
     finally:
         service.unload()
-    assert stances == [True, False, False]
+    assert stances == [True, False, True, False]
+    assert np.array_equal(plain, again) and np.array_equal(styled, styled_again) and not np.array_equal(plain, styled)
 
 
 def test_the_step_cache_generates_on_the_cpu_and_changes_the_image(demo_settings: Settings,
@@ -148,8 +152,15 @@ def test_the_step_cache_generates_on_the_cpu_and_changes_the_image(demo_settings
     try:
         assert service.plan.options == ("step-cache",) and not service.plan.compiled
         cached = service.generate(request(steps=8))
+        odd = service.generate(request(steps=3, seed=5))
+        # The cache starts empty for every request: the same request gives the same image whatever ran before it
+        # (an odd step count left the broadcast's counter mid-cycle before loader.reset_step_cache).
+        after_odd = service.generate(request(steps=3, seed=5))
+        cached_again = service.generate(request(steps=8))
     finally:
         service.unload()
+    assert np.array_equal(pixels(odd.paths[0]), pixels(after_odd.paths[0]))
+    assert np.array_equal(pixels(cached.paths[0]), pixels(cached_again.paths[0]))
     # Pyramid attention broadcast reuses the attention output of every second step: lossy, so the pixels move.
     assert pixels(cached.paths[0]).shape == plain.shape and not np.array_equal(pixels(cached.paths[0]), plain)
     assert "step-cache" in cached.info()["profile"]

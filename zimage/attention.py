@@ -137,10 +137,10 @@ def compiled_or_eager(compiled: bool) -> Iterator[None]:
 
 
 def compile_transformer(pipe: Any, warm_up: Callable[[], None]) -> float:
-    """Compile the transformer's repeated blocks (diffusers' regional compilation, ``fullgraph=True``: one
-    compiled block serves all 30) and run ``warm_up()`` so the first request does not pay for compiling; torch's
-    compiled graphs of an earlier pipeline are dropped first (``torch.compiler.reset``). Returns the seconds spent
-    (compile and warm-up), which the caller logs.
+    """Compile the transformer's repeated blocks (diffusers' regional compilation, ``fullgraph=True``: one compiled
+    code serves all 34, the 30 main layers and the 2 + 2 refiners) and run ``warm_up()`` so the first request does
+    not pay for compiling; torch's compiled graphs of an earlier pipeline are dropped first
+    (``torch.compiler.reset``). Returns the seconds spent (compile and warm-up), which the caller logs.
 
     Measured on an H200 (benchmarks/results/gpu-nvidia-h200-2026-12-04-run3.json): 1.37 s per 1024x1024 image eager,
     0.93 s compiled; after a warm-up at two shapes (zimage.service.WARM_UP_SHAPES) a size or batch not seen before

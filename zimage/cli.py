@@ -290,7 +290,8 @@ def _plan(args: argparse.Namespace) -> int:
         for spec in KNOWN_GPUS:
             print(f"{spec.name:<18} {spec.memory_gb:>4g} GB  {spec.dense_bf16_tflops:>7g} TFLOPS dense bf16  "
                   f"{spec.memory_gbps:>6g} GB/s  PCIe {spec.pcie_gen}.0 x{spec.pcie_lanes}  pageable "
-                  f"{spec.throughput().pageable_gbps:g} GB/s  sm {spec.compute_capability[0]}.{spec.compute_capability[1]}"
+                  f"{spec.throughput().pageable_gbps:g} GB/s  "
+                  f"sm {spec.compute_capability[0]}.{spec.compute_capability[1]}"
                   f"  ({spec.source}; spec sheet, not measured)")
         return 0
     _check_plan_args(args)
@@ -347,13 +348,17 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
         return 0
-    machine = ", ".join(f"{g.name} ({g.total_bytes / GIB:.0f} GiB, {g.free_bytes / GIB:.1f} free)"
+    machine = ", ".join(f"{g.name} ({g.total_bytes / GIB:.3g} GiB, {g.free_bytes / GIB:.1f} free)"
                         for g in devices.gpus) or "no CUDA GPU"
     print(f"machine:   {machine}; RAM {devices.ram_total_bytes / GIB:.0f} GiB")
     print(f"sizes:     {sizes.source}")
     print(f"request:   {request.width}x{request.height}, {request.num_images} image(s)")
     print(f"plan:      {plan.describe()}")
-    print(f"peak:      {plan.predicted_peak_bytes / GIB:.1f} GiB predicted, {plan.budget_bytes / GIB:.1f} GiB usable")
+    if plan.profile == "cpu":
+        print("peak:      no GPU memory: everything is in RAM")
+    else:
+        print(f"peak:      {plan.predicted_peak_bytes / GIB:.1f} GiB predicted, {plan.budget_bytes / GIB:.1f} GiB usable "
+              f"({plan.allocator} allocator)")
     print(f"reason:    {plan.reason}")
     if plan.stages is not None:
         st = plan.stages

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -92,6 +93,13 @@ def measure_throughput(ops: ProbeOps) -> Throughput:
                              f"{PROBE_PAGEABLE_BYTES >> 20} MiB pageable round trip and copy within the GPU")
 
 
+def sane_throughput(rates: Throughput) -> Throughput | None:
+    """``rates`` when every one is a finite, positive number, else None (the planner then assumes typical rates): a
+    clock that did not move, or a busy GPU, must not give the time model a zero or an infinity to divide by."""
+    values = (rates.bf16_tflops, rates.h2d_gbps, rates.memory_gbps, rates.pageable_gbps)
+    return rates if all(math.isfinite(v) and v > 0 for v in values) else None
+
+
 def torch_probe_ops(index: int) -> ProbeOps:
     """The probe's operations on CUDA GPU ``index`` (about 1 GB of device memory while the probe runs)."""
     import torch
@@ -142,7 +150,7 @@ def probe_devices(measure_throughput: bool = False) -> DeviceFacts:
             throughput = None
             if measure_throughput and properties.major >= 8:  # the bf16 probe needs bf16 tensor cores
                 try:
-                    throughput = probe_throughput(index)
+                    throughput = sane_throughput(probe_throughput(index))
                 except RuntimeError:  # the GPU is busy or short of memory: the planner assumes typical rates
                     throughput = None
             free_bytes, total_bytes = torch.cuda.mem_get_info(index)  # after the probe gave its memory back

@@ -358,7 +358,11 @@ def denoise_placement(pipe: Any, base: Any, plan: MemoryPlan) -> Iterator[None]:
     ``plan.device`` together and the text encoder in RAM, without diffusers' offload hooks (which cannot move a
     transformer whose modules the ControlNet borrows: see the module docstring); afterwards the ControlNet back in
     RAM and the base pipeline's model offload enabled again (it moves the other components to RAM). A no-op for any
-    other pipeline or placement. The peak is the planner's for that stage (zimage.planner.predict_peak_bytes)."""
+    other pipeline or placement. The peak is the planner's for that stage (zimage.planner.predict_peak_bytes).
+
+    With step-cache, the cache's state starts empty for every denoise (:func:`reset_step_cache`)."""
+    if "step-cache" in plan.options:
+        reset_step_cache(pipe.transformer)
     if plan.profile != "model-offload" or getattr(pipe, "controlnet", None) is None:
         yield
         return
@@ -484,7 +488,8 @@ def quantize_transformer_fp8(pipe: Any, device: str) -> None:
 #: (``spatial_attention_block_skip_range=2``) at every step after the first (the whole timestep range); the main
 #: layers only (the refiners are cheap). diffusers 0.42.1's FirstBlockCache and MagCache fail on Z-Image's block
 #: signature ("Parameter 'hidden_states' not found"), TaylorSeer needs a cache context the Z-Image pipelines do not
-#: set ("No cache context is set"): pyramid attention broadcast is the step cache that runs on it (tests/test_loader.py).
+#: set ("No cache context is set"): pyramid attention broadcast is the step cache that runs on it
+#: (tests/test_speed_options.py).
 STEP_CACHE_SKIP_RANGE = 2
 STEP_CACHE_TIMESTEPS = (0, 1000)
 
@@ -505,6 +510,15 @@ def enable_step_cache(pipe: Any) -> None:
         spatial_attention_block_skip_range=STEP_CACHE_SKIP_RANGE,
         spatial_attention_timestep_skip_range=STEP_CACHE_TIMESTEPS,
         spatial_attention_block_identifiers=(r"^layers\.\d+\.",), current_timestep_callback=current_timestep))
+
+
+def reset_step_cache(transformer: Any) -> None:
+    """Empty the step cache's state (diffusers' public ``HookRegistry.reset_stateful_hooks``): pyramid attention
+    broadcast counts the forwards it has seen and keeps the last attention output, and the Z-Image pipelines never
+    reset it; without this a request's image would depend on the step counts of the requests before it."""
+    from diffusers.hooks import HookRegistry
+
+    HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks(recurse=True)
 
 
 def place_transformer_resident(pipe: Any, device: str, use_streams: bool) -> None:

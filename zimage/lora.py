@@ -720,6 +720,14 @@ class LoraAdapters:
         return tuple({"name": item.name, "weight": weight, "sha256": entry.sha256}
                      for (item, weight), entry in zip(files, entries))
 
+    def unload(self, pipe: Any) -> None:
+        """Take every adapter out of the pipeline (diffusers' ``unload_lora_weights``: peft's layers give the original
+        ones back) and forget them; a later request loads its files again. For a compiled transformer, whose graph
+        is that of the original layers."""
+        if pipe is not None and self.cache.names():
+            pipe.unload_lora_weights()
+        self.reset()
+
     def deactivate(self, pipe: Any, force: bool = False) -> None:
         """Switch every adapter off (``disable_lora``): the next request computes as if none was ever loaded."""
         if (self._active or force) and pipe is not None and self.cache.names():

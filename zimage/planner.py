@@ -93,6 +93,8 @@ PROFILES_FASTEST_FIRST = ("full", "balanced", "transformer-resident", "model-off
 TIME_TIE_SHARE = 0.05
 #: Options that change pixels.
 LOSSY_OPTIONS = ("fp8-storage", "te-fp8-storage", "fp8-compute", "step-cache")
+#: Options that store weights in float8 and cast them to bf16 or fp16 to compute (never in fp32).
+FP8_STORAGE_OPTIONS = ("fp8-storage", "te-fp8-storage")
 #: Options the auto planner never adds: only a user who asks for them gets them (their effect on pixels is not
 #: bounded by anything this project measures).
 OPT_IN_OPTIONS = ("step-cache",)
@@ -181,7 +183,7 @@ class MemoryPlan:
     candidates: tuple["CandidateEstimate", ...] = ()
     #: The transformer's repeated blocks are compiled (torch.compile, regional) on this placement (--compile).
     compiled: bool = False
-    #: The predicted seconds by stage (:class:`~zimage.time_model.StageSeconds`), None on the CPU.
+    #: The predicted seconds per image by stage (:class:`~zimage.time_model.StageSeconds`), None on the CPU.
     stages: StageSeconds | None = None
     #: The allocator configuration the peak was predicted for (:attr:`DeviceFacts.allocator`).
     allocator: str = "expandable"
@@ -406,9 +408,12 @@ def fp8_compute_problem(devices: DeviceFacts, device: str, dtype: str, quantized
         return "fp8-compute needs a CUDA GPU with fp8 tensor cores; this plan runs on the CPU."
     capability = _gpu(devices, device).compute_capability
     if capability is None or tuple(capability) < FP8_COMPUTE_CAPABILITY:
-        have = "an unknown compute capability" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+        have = ("an unknown compute capability" if capability is None
+                else f"compute capability {capability[0]}.{capability[1]}")
+        hint = (" (for a card this machine does not have, plan with --gpu-name: the table knows its compute "
+                "capability)" if capability is None else "")
         return (f"fp8-compute needs fp8 tensor cores (compute capability 8.9 or later: RTX 40 and 50 series, L4, L40S, "
-                f"H100, H200); {device} has {have}. Use fp8-storage instead (same memory, bf16 matmuls).")
+                f"H100, H200); {device} has {have}{hint}. Use fp8-storage instead (same memory, bf16 matmuls).")
     if not devices.fp8_compute_library:
         return "fp8-compute needs the torchao package, which is not installed: pip install torchao==0.18.0."
     if dtype != "bf16":
@@ -554,8 +559,10 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
             raise PlanError(f"memory profile {requested_profile!r} needs a CUDA GPU, and "
                             f"{'this machine has none' if not devices.has_gpu else 'device=cpu was chosen'}: "
                             "use --memory-profile auto (or cpu).")
-        if forced and any(o in forced for o in LOSSY_OPTIONS) and dtype != "bf16":
-            raise PlanError("fp8-storage and te-fp8-storage compute in bf16: use --dtype bf16 with them.")
+        storage = [o for o in forced if o in FP8_STORAGE_OPTIONS]
+        if storage and dtype != "bf16":
+            raise PlanError(f"{' and '.join(storage)} compute{'s' if len(storage) == 1 else ''} in bf16: use "
+                            "--dtype bf16 with it.")
         if "fp8-compute" in forced:
             raise PlanError(fp8_compute_problem(devices, "cpu", dtype, quantized))
         if compile_mode == "on" and compile_problem("cpu", forced, quantized):
@@ -573,8 +580,10 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     if requested_profile == "balanced" and len(devices.gpus) < 2:
         raise PlanError("memory profile 'balanced' spreads components over several GPUs and this machine "
                         f"has {len(devices.gpus)}: use full or model-offload (or auto).")
-    if any(o in forced for o in LOSSY_OPTIONS) and dtype == "fp32":
-        raise PlanError("fp8-storage and te-fp8-storage compute in bf16/fp16: use --dtype bf16 with them.")
+    storage = [o for o in forced if o in FP8_STORAGE_OPTIONS]
+    if storage and dtype == "fp32":
+        raise PlanError(f"{' and '.join(storage)} compute{'s' if len(storage) == 1 else ''} in bf16/fp16: use "
+                        "--dtype bf16 with it.")
 
     fp8_compute_why = fp8_compute_problem(devices, device, dtype, quantized)
     if "fp8-compute" in forced:
@@ -586,11 +595,15 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
             raise PlanError(f"fp8-compute runs on the {' and '.join(FP8_COMPUTE_PROFILES)} placements (torchao's "
                             f"float8 weights under offload hooks are unchecked), not {requested_profile}: use "
                             "--memory-profile auto, or fp8-storage for an offloaded transformer.")
-    if compile_mode == "on" and requested_profile != "auto":
-        why = compile_problem(requested_profile, forced, quantized)
+    if compile_mode == "on":
+        # What breaks compilation whatever the placement (an option, a GGUF file), then the placement asked for.
+        why = compile_problem("full", forced, quantized) or (
+            compile_problem(requested_profile, forced, quantized) if requested_profile != "auto" else None)
         if why:
-            raise PlanError(f"--compile on with {_describe(_Candidate(requested_profile, forced))}: {why}. Use "
-                            "--compile auto (compiles where it composes) or off.")
+            what = _describe(_Candidate(requested_profile, forced)) if requested_profile != "auto" else (
+                " + ".join(forced) or "a GGUF transformer")
+            raise PlanError(f"--compile on with {what}: {why}. Use --compile auto (compiles where it composes) or "
+                            "off.")
     throughput = device_throughput(devices, device)
     # fp8 storage computes in bf16/fp16 (refused above when asked for with fp32): never a candidate in fp32.
     candidates = _candidates(devices, device, auto_fp8 and dtype != "fp32", forced, fp8_compute_why is None)
@@ -612,7 +625,8 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
         return _Weighed(
             c, peak, budget, indices, stages.total / request.num_images,
             bytes_moved_per_request(c.profile, c.options, sizes, request, dtype) // request.num_images, order,
-            len([o for o in c.options if o in LOSSY_OPTIONS and o not in forced]), compiled, stages)
+            len([o for o in c.options if o in LOSSY_OPTIONS and o not in forced]), compiled,
+            stages.per_image(request.num_images))
 
     # Every candidate is weighed, also under an asked-for profile: the table and the reason then show what auto
     # would have picked, so whoever forced a profile sees what it costs.
@@ -662,6 +676,9 @@ def plan_memory(devices: DeviceFacts, sizes: ComponentSizes, request: RequestSiz
     else:
         reason = (f"nothing is predicted to fit in {_fmt_gb(budget)} usable; using the leanest placement, "
                   f"{_describe(candidate)} (predicted {_fmt_gb(peak)})")
+        if compile_mode == "on":
+            reason += ("; --compile on keeps only the placements that compile: --compile auto would also weigh group "
+                       "and sequential offload")
     warnings = list(ram_warnings)
     if not fits:
         warnings.append(f"predicted peak {_fmt_gb(peak)} exceeds the {_fmt_gb(budget)} usable on {device}: "
@@ -702,7 +719,8 @@ def with_placement(plan: MemoryPlan, profile: str, options: tuple[str, ...], str
         profile, options, sizes.transformer.stored_bytes is not None) is None
     stages = predict_stages(profile, options, sizes, request, plan.dtype, throughput, compiled)
     return replace(plan, profile=profile, options=options, use_streams=streams, predicted_peak_bytes=peak,
-                   compiled=compiled, stages=stages, predicted_seconds=stages.total / request.num_images,
+                   compiled=compiled, stages=stages.per_image(request.num_images),
+                   predicted_seconds=stages.total / request.num_images,
                    bytes_moved_per_image=bytes_moved_per_request(profile, options, sizes, request, plan.dtype)
                    // request.num_images, candidates=(),
                    fits=peak <= plan.budget_bytes, gpu_indices=plan.gpu_indices[:1],

@@ -633,7 +633,11 @@ class GenerationService:
         """On the GPU worker, before a render attempt: switch on the request's adapters (loading them when not
         cached or changed on disk), or make sure every adapter is off. Raises LoraError naming the file."""
         if not request.loras:
-            self._lora_adapters.deactivate(self._pipe)
+            if self.plan.compiled and self._lora_adapters.loaded():
+                # The compiled graph is the original layers': without them every request would run eagerly.
+                self._lora_adapters.unload(self._pipe)
+            else:
+                self._lora_adapters.deactivate(self._pipe)
             return ()
         problem = placement_problem(plan)  # a recovery step may have moved to a placement that cannot take them
         if problem:
@@ -924,7 +928,8 @@ class GenerationService:
                     job.update(total=steps_run(request.steps, request.strength))
                     mode_pipe = self._mode_pipe(request.mode)
                     # Compiled blocks only while no LoRA adapter is in the transformer: peft's layers change the
-                    # graph, and compiling again would stall this request for tens of seconds (zimage.attention).
+                    # graph, and compiling again would stall this request for tens of seconds (zimage.attention). A
+                    # request without LoRAs takes them out again (_activate_loras).
                     compiled = (self.plan.compiled and device_available(self.plan.device)
                                 and not self._lora_adapters.loaded())
                     with denoise_placement(mode_pipe, self._pipe, attempt), compiled_or_eager(compiled):

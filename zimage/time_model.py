@@ -78,8 +78,9 @@ CAST_EFFICIENCY = 0.65
 #: the casts' share is 0.05 s. The rest, 0.115 s per step, is launch and Python time: assumed to be the host's, the
 #: same on any card (one measurement; the next runs on other cards will say).
 DEQUANT_OVERHEAD_S_PER_STEP = 0.115
-#: Share of the attention's FLOPs that step-cache (pyramid attention broadcast, every second step) skips. ASSUMED
-#: from its schedule (it reuses the attention output of every second step after the first), not measured yet.
+#: Share of the steps on which step-cache (pyramid attention broadcast, every second step) skips the attention
+#: modules (projections and attention). ASSUMED from its schedule (it reuses the attention output of every second
+#: step after the first), not measured yet.
 STEP_CACHE_SKIPPED_STEP_SHARE = 0.5
 #: Device bytes per weight that diffusers' layerwise casting moves at every forward of an fp8-stored layer: up to the
 #: compute dtype before it (read 1 byte, write 2) and back to fp8 after it (read 2, write 1); diffusers 0.42.1
@@ -96,7 +97,7 @@ class Workload:
     text_encoder_flops: float
     transformer_flops: float
     transformer_linear_share: float
-    transformer_attention_share: float
+    transformer_attention_module_share: float
     vae_decode_flops: float
     vae_encode_flops: float
     text_encoder_bytes: int
@@ -126,22 +127,30 @@ class StageSeconds:
     def total(self) -> float:
         return self.encode + self.denoise + self.decode + self.transfers + self.casts
 
+    def per_image(self, images: int) -> "StageSeconds":
+        """The same request's stages divided among its ``images`` images."""
+        return StageSeconds(self.encode / images, self.denoise / images, self.decode / images, self.transfers / images,
+                            self.casts / images)
+
     def to_json(self) -> dict[str, float]:
         return {"encode_s": self.encode, "denoise_s": self.denoise, "decode_s": self.decode,
                 "transfers_s": self.transfers, "casts_s": self.casts}
 
 
 def transformer_shares(config: Mapping[str, Any] | None, width: int, height: int) -> tuple[float, float]:
-    """(linear, attention) shares of the transformer's FLOPs at this size (the rest: embedders and the final layer);
-    (0.9, 0.1) when the config is unknown."""
+    """(linear layers, attention modules) shares of a transformer block's FLOPs at this size: the linear layers are
+    the q/k/v/o projections and the feed-forward (what fp8 compute speeds up); the attention modules are the
+    projections and the attention itself (what step-cache skips on the steps it reuses). (0.9, 0.4) when the config
+    is unknown."""
     if config is None:
-        return 0.9, 0.1
+        return 0.9, 0.4
     dim = config["dim"]
     hidden = int(dim / 3 * 8)
     tokens = (width // 16) * (height // 16) + PLANNED_CAPTION_TOKENS
-    linear = 2 * tokens * (4 * dim * dim + 3 * dim * hidden)
+    projections = 2 * tokens * 4 * dim * dim
+    linear = projections + 2 * tokens * 3 * dim * hidden
     attention = 2 * 2 * tokens * tokens * dim
-    return linear / (linear + attention), attention / (linear + attention)
+    return linear / (linear + attention), (projections + attention) / (linear + attention)
 
 
 def bytes_moved_per_request(profile: str, options: tuple[str, ...], sizes: ComponentSizes, request: RequestSize,
@@ -216,7 +225,7 @@ def workload(options: tuple[str, ...], sizes: ComponentSizes, request: RequestSi
         else 0
     return Workload(
         text_encoder_flops=dense_flops(stats.params - stats.non_block_params, TEXT_ENCODER_TOKENS) * prompts,
-        transformer_flops=transformer, transformer_linear_share=linear, transformer_attention_share=attention,
+        transformer_flops=transformer, transformer_linear_share=linear, transformer_attention_module_share=attention,
         vae_decode_flops=vae_decode_flops(request.pixels) * request.num_images,
         vae_encode_flops=vae_encode_flops(request.pixels) * request.num_images if request.encode else 0.0,
         text_encoder_bytes=(stats.params * dtype_bytes if "te-fp8-storage" not in options
@@ -240,11 +249,11 @@ def stage_seconds(profile: str, options: tuple[str, ...], work: Workload, throug
     pinned = throughput.h2d_gbps * 1e9
     pageable = throughput.pageable_gbps * 1e9
     encode_compute = work.text_encoder_flops / (rate * EFF_TEXT_ENCODER)
-    linear_factor = 1.0 / FP8_LINEAR_SPEEDUP if "fp8-compute" in options else 1.0
-    attention_factor = 1.0 - STEP_CACHE_SKIPPED_STEP_SHARE if "step-cache" in options else 1.0
-    other = 1 - work.transformer_linear_share - work.transformer_attention_share
-    shaped = work.transformer_flops * (work.transformer_linear_share * linear_factor
-                                       + work.transformer_attention_share * attention_factor + other)
+    linear = work.transformer_linear_share
+    shaped = work.transformer_flops * ((1 - linear) + linear / (FP8_LINEAR_SPEEDUP if "fp8-compute" in options else 1))
+    if "step-cache" in options:  # the attention modules' work on the steps that reuse their output
+        shaped -= (work.transformer_flops * work.transformer_attention_module_share * STEP_CACHE_SKIPPED_STEP_SHARE
+                   / (FP8_LINEAR_SPEEDUP if "fp8-compute" in options else 1))
     denoise_compute = shaped / (rate * (EFF_DENOISE_COMPILED if compiled else EFF_DENOISE_EAGER))
     decode = (work.vae_decode_flops + work.vae_encode_flops) / (rate * EFF_VAE)
     memory = throughput.memory_gbps * 1e9
@@ -256,8 +265,8 @@ def stage_seconds(profile: str, options: tuple[str, ...], work: Workload, throug
         if text_encoder_offload == "leaf_level":
             copy = work.text_encoder_bytes / (pinned * STREAM_EFFICIENCY_LEAF)
         else:  # the embedding in and out through pageable memory, the blocks streamed
-            copy = (work.text_encoder_embedding_bytes / pageable
-                    + (work.text_encoder_bytes - work.text_encoder_embedding_bytes) / (pinned * STREAM_EFFICIENCY_BLOCK))
+            blocks = work.text_encoder_bytes - work.text_encoder_embedding_bytes
+            copy = work.text_encoder_embedding_bytes / pageable + blocks / (pinned * STREAM_EFFICIENCY_BLOCK)
         return max(encode_compute, copy) * work.prompts
 
     transfers = 0.0

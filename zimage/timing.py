@@ -163,16 +163,19 @@ _AMPERE_GEFORCE = "NVIDIA Ampere GA10x whitepaper / GA106 figures, FP16/BF16 ten
 #: sparsity that doubles the headline numbers). They are not measured here: the planner scales them by the assumed
 #: efficiencies above, and a real GPU is probed instead at start.
 KNOWN_GPUS: tuple[GpuSpec, ...] = (
-    GpuSpec("RTX 3060 12GB", 12, 25.6, 360, 4, source=_AMPERE_GEFORCE + " (112 tensor cores at 1.78 GHz); 360 GB/s", compute_capability=(8, 6)),
+    GpuSpec("RTX 3060 12GB", 12, 25.6, 360, 4, source=_AMPERE_GEFORCE + " (112 tensor cores at 1.78 GHz); 360 GB/s",
+            compute_capability=(8, 6)),
     GpuSpec("RTX 4060 8GB", 8, 30.2, 272, 4, 8,
             source=_ADA + " (96 tensor cores at 2.46 GHz); 272 GB/s; PCIe 4.0 x8", compute_capability=(8, 9)),
     GpuSpec("RTX 4060 Ti 16GB", 16, 44.1, 288, 4, 8,
             source=_ADA + " (136 tensor cores at 2.54 GHz); 288 GB/s; PCIe 4.0 x8", compute_capability=(8, 9)),
-    GpuSpec("RTX 4070 12GB", 12, 58.3, 504.2, 4, source=_ADA + " (184 tensor cores at 2.48 GHz); 504 GB/s", compute_capability=(8, 9)),
+    GpuSpec("RTX 4070 12GB", 12, 58.3, 504.2, 4, source=_ADA + " (184 tensor cores at 2.48 GHz); 504 GB/s",
+            compute_capability=(8, 9)),
     GpuSpec("RTX 4080 16GB", 16, 97.5, 716.8, 4, source=_ADA + "; 716.8 GB/s", compute_capability=(8, 9)),
     GpuSpec("RTX 4090 24GB", 24, 165.2, 1008, 4, source=_ADA + "; 1,008 GB/s", compute_capability=(8, 9)),
     GpuSpec("RTX 5090 32GB", 32, 209.5, 1792, 5, source="NVIDIA Blackwell (RTX 50 series) whitepaper, FP16/BF16 tensor, "
-                                                        "FP32 accumulate, dense; 1,792 GB/s", compute_capability=(12, 0)),
+                                                        "FP32 accumulate, dense; 1,792 GB/s",
+            compute_capability=(12, 0)),
     GpuSpec("A10 24GB", 24, 125.0, 600, 4, source="NVIDIA A10 datasheet: BF16 tensor 125 TFLOPS (250 with sparsity), "
                                                   "600 GB/s", compute_capability=(8, 6)),
     GpuSpec("L4 24GB", 24, 121.0, 300, 4, source="NVIDIA L4 datasheet: BF16 tensor 242 TFLOPS with sparsity, half "
@@ -185,6 +188,11 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
     GpuSpec("H100 80GB", 80, 989.4, 3350, 5, source="NVIDIA H100 SXM datasheet: BF16 tensor 1,979 TFLOPS with "
                                                     "sparsity, 989.4 dense, 3.35 TB/s (the PCIe card: 756 dense, "
                                                     "2 TB/s); host link PCIe 5.0 x16", compute_capability=(9, 0)),
+    GpuSpec("H200 141GB", 141, 989.4, 4800, 5, source="NVIDIA H200 datasheet (SXM): BF16 tensor 1,979 TFLOPS with "
+                                                      "sparsity, 989.4 dense, 4.8 TB/s; host link PCIe 5.0 x16. The "
+                                                      "planner's efficiencies were calibrated on one (its probe "
+                                                      "measured 720-743 TFLOP/s and 55 GB/s pinned)",
+            compute_capability=(9, 0)),
 )
 
 
